@@ -61,6 +61,7 @@ class Settings:
     gunicorn_threads: int = 8
     port: int = 8000
     redis_url: str | None = field(default=None, repr=False)
+    ca_bundle: str | None = None  # REQUESTS_CA_BUNDLE: a private CA for the provider's TLS
 
     @property
     def is_postgres(self) -> bool:
@@ -215,7 +216,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         gunicorn_threads=threads,
         port=_int(env, "PORT", 8000, minimum=1, maximum=65535),
         redis_url=_text(env, "REDIS_URL", None),
+        ca_bundle=_ca_bundle(env),
     )
+
+
+def _ca_bundle(env: Mapping[str, str]) -> str | None:
+    path = _text(env, "REQUESTS_CA_BUNDLE", None) or _text(env, "CURL_CA_BUNDLE", None)
+    if path is not None and not os.path.exists(path):
+        raise ConfigError(f"REQUESTS_CA_BUNDLE names a file that does not exist: {path}")
+    return path
 
 
 _lock = threading.Lock()
