@@ -1,0 +1,1 @@
+"""Helpers that start and steer real processes for the test suite."""
