@@ -28,6 +28,7 @@ from settings import Settings
 log = logging.getLogger(__name__)
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+REDIS_RETRY_INTERVAL = 5.0  # seconds on the local breaker after a Redis error
 STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}  # for the metrics gauge
 
 
@@ -135,6 +136,11 @@ class RedisCircuitBreaker:
         self._fallback = fallback or CircuitBreaker(failure_threshold, reset_timeout)
         self._clock = clock
         self._redis_failed = False
+        self._skip_redis_until = 0.0
+
+    def _use_redis(self) -> bool:
+        """False for a while after Redis failed, so a dead Redis costs nothing per call."""
+        return time.monotonic() >= self._skip_redis_until
 
     def _redis_ok(self) -> None:
         if self._redis_failed:
@@ -142,6 +148,7 @@ class RedisCircuitBreaker:
             log.info("circuit breaker: Redis reachable again, using shared state")
 
     def _redis_down(self, exc: Exception) -> None:
+        self._skip_redis_until = time.monotonic() + REDIS_RETRY_INTERVAL
         if not self._redis_failed:
             self._redis_failed = True
             log.warning(
@@ -151,6 +158,8 @@ class RedisCircuitBreaker:
 
     @property
     def state(self) -> str:
+        if not self._use_redis():
+            return self._fallback.state
         try:
             open_until = self._redis.get(self._keys["open_until"])
         except Exception as exc:
@@ -161,6 +170,8 @@ class RedisCircuitBreaker:
         return OPEN if self._clock() < float(open_until) else HALF_OPEN
 
     def before_call(self) -> None:
+        if not self._use_redis():
+            return self._fallback.before_call()
         try:
             open_until = self._redis.get(self._keys["open_until"])
             self._redis_ok()
@@ -179,14 +190,18 @@ class RedisCircuitBreaker:
             self._fallback.before_call()
 
     def record_success(self) -> None:
+        self._fallback.record_success()
+        if not self._use_redis():
+            return
         try:
             self._redis.delete(*self._keys.values())
         except Exception as exc:
             self._redis_down(exc)
-        self._fallback.record_success()
 
     def record_failure(self) -> None:
         self._fallback.record_failure()
+        if not self._use_redis():
+            return
         try:
             pipe = self._redis.pipeline()
             pipe.incr(self._keys["failures"])
@@ -215,9 +230,15 @@ def build_breaker(settings: Settings) -> CircuitBreaker | RedisCircuitBreaker:
     if not settings.redis_url:
         return local
     import redis  # only deployments with REDIS_URL need the client
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
+    # No client-side retries: a slow Redis must never slow a payment down.
     client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=0.25, socket_connect_timeout=0.25
+        settings.redis_url,
+        socket_timeout=0.25,
+        socket_connect_timeout=0.25,
+        retry=Retry(NoBackoff(), 0),
     )
     return RedisCircuitBreaker(
         client,

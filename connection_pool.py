@@ -174,8 +174,9 @@ class Attempt:
     timeout: float | None = None  # the timeout that expired, seconds
 
     @property
-    def may_have_reached_provider(self) -> bool:
-        return self.status is not None or self.error_kind == READ
+    def may_have_been_processed(self) -> bool:
+        """Sent without an answer: assume the provider began processing it."""
+        return self.error_kind == READ
 
 
 @dataclass
@@ -190,8 +191,8 @@ class Exchange:
     retry_after: float | None = None
 
     @property
-    def may_have_reached_provider(self) -> bool:
-        return any(a.may_have_reached_provider for a in self.attempts)
+    def may_have_been_processed(self) -> bool:
+        return any(a.may_have_been_processed for a in self.attempts)
 
 
 def classify_error(exc: Exception) -> str:

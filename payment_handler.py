@@ -38,7 +38,6 @@ import payment_store as store
 from circuit_breaker import build_breaker
 from connection_pool import (
     POOL_BUSY,
-    READ,
     TLS,
     Exchange,
     build_retry,
@@ -381,7 +380,7 @@ class PaymentClient:
                 code=str(error.get("code") or "card_declined")[:64],
                 attempts=attempts,
             )
-        if status == 409 or (exchange.may_have_reached_provider and status >= 429):
+        if status == 409 or (exchange.may_have_been_processed and status >= 429):
             raise PaymentOutcomeUnknown(
                 f"provider answered {status} after a request that may have been processed; "
                 "reconciliation will settle it",
@@ -445,7 +444,7 @@ class PaymentClient:
                 code="provider_tls_error",
                 attempts=attempts,
             )
-        if exchange.may_have_reached_provider or kind == READ:
+        if exchange.may_have_been_processed:
             return PaymentOutcomeUnknown(
                 f"no answer from the provider after sending the charge "
                 f"({self._failure_text(exchange)}); reconciliation will settle it",
