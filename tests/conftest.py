@@ -27,3 +27,58 @@ def _clean_process_state():
     payment_handler.reset_payment_service()
     connection_pool.reset_session()
     settings_module.set_settings(None)
+
+
+@pytest.fixture(scope="session")
+def sandbox_process():
+    """One real sandbox provider process for the whole run (reset before each test)."""
+    from tests.support.sandbox import SandboxProcess
+
+    with SandboxProcess() as process:
+        yield process
+
+
+@pytest.fixture
+def sandbox(sandbox_process):
+    """The sandbox with an empty ledger, zeroed counters and no faults."""
+    sandbox_process.reset()
+    yield sandbox_process
+    sandbox_process.reset()  # frees requests a test left hanging
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A throwaway PostgreSQL database, migrated to head, dropped after the run."""
+    import database_config
+    from tests.support.postgres import temporary_database
+
+    with temporary_database() as url:
+        database_config.run_migrations(url)
+        yield url
+
+
+@pytest.fixture
+def configure_payments(make_settings):
+    """Point the library (settings, engine, service) at a database and a provider."""
+    import database_config
+
+    def configure(**overrides) -> Settings:
+        settings = make_settings(**overrides)
+        settings_module.set_settings(settings)
+        database_config.configure_engine(settings)
+        payment_handler.reset_payment_service()
+        connection_pool.reset_session()
+        return settings
+
+    yield configure
+    database_config.dispose_engine()
+
+
+@pytest.fixture
+def unused_port():
+    """A loopback port with nothing listening on it (connections are refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
