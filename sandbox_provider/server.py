@@ -22,7 +22,13 @@ from sandbox_provider.ledger import Ledger
 
 
 class Stats:
-    """Traffic counters for the control endpoint; ``hung`` is a gauge that reset keeps."""
+    """Traffic counters for the control endpoint.
+
+    ``connections_accepted`` counts connections when their first provider request
+    arrives, so control calls (reading this state included) never move it and a test
+    can assert that a keep-alive client used exactly one. ``hung`` is a gauge of
+    requests held by a hang fault; reset keeps it, since it frees them itself.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()

@@ -106,6 +106,8 @@ class SandboxProcess:
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, wait, SIGKILL if it does not go; return the exit code."""
         process, self._process = self._process, None
+        if self._stderr is not None:
+            self._stderr.close()
         if process is None:
             return None
         if process.poll() is None:
@@ -116,7 +118,6 @@ class SandboxProcess:
                 process.kill()
                 process.wait(timeout)
         process.stdout.close()
-        self._stderr.close()
         return process.returncode
 
     def state(self) -> dict:
