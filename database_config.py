@@ -69,6 +69,9 @@ TCP_KEEPALIVES = {
     "keepalives_count": 3,
 }
 
+# SQLite primary result codes: BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN.
+SQLITE_UNAVAILABLE_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14})
+
 # Execution option: begin this connection's SQLite transactions DEFERRED (read-only use).
 SQLITE_DEFERRED = "sqlite_deferred"
 
@@ -115,10 +118,17 @@ def _translate_errors(engine: Engine) -> Iterator[None]:
 
 
 def _is_unavailable(exc: sa_exc.DBAPIError) -> bool:
-    """The server, the network or a server-side limit failed, not the SQL we sent."""
-    return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) or bool(
-        exc.connection_invalidated
-    )
+    """The server, the network or a server-side limit failed, not the SQL we sent.
+
+    sqlite3 raises OperationalError for SQL mistakes too, so there only the result
+    codes that mean "the file is busy or unusable" count.
+    """
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+        return False
+    sqlite_code = getattr(exc.orig, "sqlite_errorcode", None)
+    return sqlite_code is None or sqlite_code & 0xFF in SQLITE_UNAVAILABLE_CODES
 
 
 def _describe_failure(exc: sa_exc.DBAPIError, engine: Engine) -> str:
@@ -244,10 +254,11 @@ def get_engine() -> Engine:
 
 def configure_engine(config: settings.Settings) -> Engine:
     """Replace the process's engine with one built from ``config`` (tests and tools)."""
-    global _engine
+    global _engine, _ping_in_flight
     engine = build_engine(config)
     with _engine_lock:
         previous, _engine = _engine, engine
+        _ping_in_flight = None  # a ping of the previous engine answers for that one only
     if previous is not None:
         previous.dispose()
     return engine
@@ -255,9 +266,10 @@ def configure_engine(config: settings.Settings) -> Engine:
 
 def dispose_engine() -> None:
     """Close the process's pooled connections; the next use builds a fresh engine."""
-    global _engine
+    global _engine, _ping_in_flight
     with _engine_lock:
         previous, _engine = _engine, None
+        _ping_in_flight = None
     if previous is not None:
         previous.dispose()
 

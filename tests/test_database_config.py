@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sqlite3
 import threading
 import time
 from contextlib import nullcontext
@@ -436,6 +437,32 @@ def test_sqlite_read_then_write_transactions_from_8_threads_neither_lock_nor_los
     assert errors == []
     with db.transaction() as connection:
         assert connection.exec_driver_sql("SELECT n FROM counter").scalar() == 200
+
+
+def test_sqlite_writer_that_cannot_get_the_lock_in_time_gets_database_unavailable(
+    sqlite_url, tmp_path, configure, caplog
+):
+    configure(sqlite_url, db_pool_timeout=0.2)
+    with db.transaction():
+        pass  # creates the file
+    holder = sqlite3.connect(tmp_path / "instance" / "payments.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with (
+            caplog.at_level(logging.ERROR, logger="database_config"),
+            pytest.raises(DatabaseUnavailable, match="database busy: database is locked"),
+            db.transaction(),
+        ):
+            pass
+    finally:
+        holder.close()
+    assert caplog.records[0].getMessage().startswith("Database query failed: database busy")
+
+
+def test_sqlite_sql_mistakes_are_not_translated(sqlite_url, configure):
+    configure(sqlite_url)
+    with pytest.raises(sa_exc.OperationalError, match="syntax error"), db.transaction() as c:
+        c.exec_driver_sql("SELEC 1")
 
 
 def test_sqlite_enforces_foreign_keys(sqlite_url, configure):
