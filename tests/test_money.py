@@ -15,7 +15,7 @@ from money import to_major_units, to_minor_units
         ("25.99", "USD", 2599),
         (Decimal("25.99"), "USD", 2599),
         (25, "USD", 2500),
-        (0.1 + 0.2 - 0.3 + 19.99, "USD", 1999),  # noqa: the float repr is 19.99
+        (19.99, "USD", 1999),
         (0.07, "usd", 7),
         (1234567.89, "USD", 123456789),
         (500, "JPY", 500),
@@ -60,6 +60,11 @@ def test_bad_usd_amount_is_refused(amount):
         to_minor_units(amount, "USD", max_amount=1_000_000)
     assert isinstance(info.value, ValueError)
     assert "amount" in str(info.value)
+
+
+def test_float_arithmetic_noise_is_refused_not_rounded():
+    with pytest.raises(InvalidPaymentRequest, match="decimal places"):
+        to_minor_units(0.1 + 0.2, "USD")  # 0.30000000000000004
 
 
 def test_fractional_yen_is_refused():
