@@ -1,0 +1,177 @@
+"""Scrub secrets and card data from log records before any handler writes them.
+
+DESIGN.md section 7: ``PAYMENT_API_KEY``, inbound API keys, ``Authorization`` headers,
+card numbers and CVV-like fields are never logged. :class:`RedactingFilter` rewrites a
+record in place (message, args, ``extra`` fields, exception text), once, so every
+handler it is attached to - and any handler after it - sees only the scrubbed record.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
+
+REDACTED = "[REDACTED]"
+
+# Fields whose value is secret whatever it looks like; prefixed names count too
+# (``card_cvv``, ``x-api-key``, ``client_secret``).
+_KEY_NAMES = (
+    r"cvv2?|cvc2?|card[_-]?number|pan|security[_-]?code|api[_-]?keys?|password|secret"
+    r"|authorization"
+)
+_SENSITIVE_KEY = re.compile(rf"(?:[a-z0-9]+[_-])*(?:{_KEY_NAMES})", re.IGNORECASE)
+
+# ``key: value``, ``key=value``, ``'key': 'value'`` in free text; an auth scheme word
+# (``Bearer``) before the value is swallowed with it.
+_KEY_VALUE = re.compile(
+    rf"(\b(?:[a-z0-9]+[_-])*(?:{_KEY_NAMES})[\"']?\s*[:=]\s*[\"']?)"
+    rf"(?:(?:bearer|basic|digest|token)\s+)?(?!{re.escape(REDACTED)})[^\s\"',;&}}\]]+",
+    re.IGNORECASE,
+)
+_BEARER = re.compile(r"\bbearer\s+(?!\[)[A-Za-z0-9\-._~+/]+=*", re.IGNORECASE)
+
+# A run of 13 or more digits, single spaces or dashes allowed between them.
+_DIGIT_RUN = re.compile(r"(?<!\d)\d(?:[ -]?\d){12,}(?!\d)")
+_SEPARATOR = re.compile(r"[ -]")
+_CARD_LENGTHS = range(13, 20)
+_SMALLEST_CARD = 10**12
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=`` or
+# from the log context.
+STANDARD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+_MARK = "_redacted"
+
+
+def luhn_valid(digits: str) -> bool:
+    """The payment-card checksum: what separates a card number from any long id."""
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        digit = ord(char) - 48
+        if position % 2:
+            digit = digit * 2 - 9 if digit > 4 else digit * 2
+        total += digit
+    return total % 10 == 0
+
+
+def contains_card_number(run: str) -> bool:
+    """Whether consecutive digit groups of ``run`` form a 13-19 digit Luhn-valid number.
+
+    Groups, not arbitrary substrings: a card is written whole or in groups, and testing
+    every window of a long id would redact almost every long id.
+    """
+    groups = _SEPARATOR.split(run)
+    for start in range(len(groups)):
+        digits = ""
+        for group in groups[start:]:
+            digits += group
+            if len(digits) > _CARD_LENGTHS[-1]:
+                break
+            if len(digits) in _CARD_LENGTHS and luhn_valid(digits):
+                return True
+    return False
+
+
+def is_sensitive_key(key: object) -> bool:
+    """Whether a mapping key names a field whose value is always secret."""
+    return isinstance(key, str) and _SENSITIVE_KEY.fullmatch(key) is not None
+
+
+def _redact_card(match: re.Match) -> str:
+    run = match.group(0)
+    return REDACTED if contains_card_number(run) else run
+
+
+class Redactor:
+    """Replaces known secrets, bearer tokens, sensitive fields and card numbers.
+
+    ``secrets``: exact strings that must never appear (the provider key, inbound keys).
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        literal = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._secrets = re.compile("|".join(map(re.escape, literal))) if literal else None
+
+    def text(self, value: str) -> str:
+        """Return ``value`` with every secret replaced by ``[REDACTED]``."""
+        if self._secrets is not None:
+            value = self._secrets.sub(REDACTED, value)
+        value = _DIGIT_RUN.sub(_redact_card, value)
+        value = _KEY_VALUE.sub(rf"\1{REDACTED}", value)
+        return _BEARER.sub(f"Bearer {REDACTED}", value)
+
+    def value(self, value: object) -> object:
+        """Redact a JSON-bound value: strings, card-like integers, nested containers.
+
+        Other objects become their (redacted) ``str``, which is how they would be logged.
+        """
+        if isinstance(value, str):
+            return self.text(value)
+        if value is None or isinstance(value, bool | float | Decimal):
+            return value
+        if isinstance(value, int):
+            return (
+                REDACTED if value >= _SMALLEST_CARD and contains_card_number(str(value)) else value
+            )
+        if isinstance(value, Mapping):
+            return {
+                key: REDACTED if is_sensitive_key(key) else self.value(item)
+                for key, item in value.items()
+            }
+        if isinstance(value, list | tuple | set | frozenset):
+            items = [self.value(item) for item in value]
+            return tuple(items) if isinstance(value, tuple) else items
+        return self.text(str(value))
+
+    def _arg(self, arg: object) -> object:
+        # Only plain containers are rebuilt: scalars keep their type for ``%d``/``%r``
+        # and are covered by scrubbing the formatted message.
+        return self.value(arg) if type(arg) in (dict, list, tuple) else arg
+
+    def record(self, record: logging.LogRecord) -> None:
+        """Scrub ``record`` in place, once; later handlers reuse the result."""
+        if getattr(record, _MARK, False):
+            return
+        args = record.args
+        if isinstance(args, tuple):
+            record.args = tuple(self._arg(arg) for arg in args)
+        elif type(args) is dict:
+            record.args = self.value(args)
+        try:
+            message = record.getMessage()
+        except Exception:  # bad format string: keep the text, never the raw arguments
+            message = f"{record.msg} (unformattable log arguments: {args!r})"
+        record.msg, record.args = self.text(message), None
+
+        for key, item in list(record.__dict__.items()):
+            if key not in STANDARD_ATTRIBUTES and not key.startswith("_"):
+                record.__dict__[key] = REDACTED if is_sensitive_key(key) else self.value(item)
+
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.exc_type = type(exc).__name__
+            record.exc_message = self.text(str(exc))
+            if not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.text(record.stack_info)
+        setattr(record, _MARK, True)
+
+
+class RedactingFilter(logging.Filter):
+    """Handler filter running :meth:`Redactor.record`; attach it to every handler.
+
+    A filter on the root *logger* would miss records propagated from child loggers;
+    handler filters see every record the handler is given.
+    """
+
+    def __init__(self, redactor: Redactor):
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.redactor.record(record)
+        return True
