@@ -290,7 +290,7 @@ def reset_after_fork() -> None:
         _engine.dispose(close=False)
         gauge = _checkout_gauges.get(_engine)
         if gauge is not None:
-            gauge.count = 0
+            gauge.reset()
 
 
 os.register_at_fork(after_in_child=reset_after_fork)
@@ -393,6 +393,10 @@ class _CheckoutGauge:
     """Connections a NullPool has handed out and not yet taken back."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start from zero with a fresh lock (after fork, the parent's counts mean nothing)."""
         self.count = 0
         self._lock = threading.Lock()
 

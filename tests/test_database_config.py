@@ -27,7 +27,8 @@ from tests.support.postgres import temporary_database
 
 
 @pytest.fixture
-def pg_url():
+def empty_pg_url():
+    """An empty database of this test's own (conftest's ``pg_url`` is shared and migrated)."""
     with temporary_database() as url:
         yield url
 
@@ -79,8 +80,8 @@ def unused_port() -> int:
 
 
 @pytest.mark.postgres
-def test_transaction_commits_on_success_and_returns_the_connection(pg_url, configure):
-    configure(pg_url)
+def test_transaction_commits_on_success_and_returns_the_connection(empty_pg_url, configure):
+    configure(empty_pg_url)
     with db.transaction() as connection:
         connection.exec_driver_sql("CREATE TABLE t (n integer)")
         connection.exec_driver_sql("INSERT INTO t VALUES (1)")
@@ -90,8 +91,8 @@ def test_transaction_commits_on_success_and_returns_the_connection(pg_url, confi
 
 
 @pytest.mark.postgres
-def test_transaction_rolls_back_on_error_and_returns_the_connection(pg_url, configure):
-    configure(pg_url)
+def test_transaction_rolls_back_on_error_and_returns_the_connection(empty_pg_url, configure):
+    configure(empty_pg_url)
     with db.transaction() as connection:
         connection.exec_driver_sql("CREATE TABLE t (n integer)")
 
@@ -105,9 +106,9 @@ def test_transaction_rolls_back_on_error_and_returns_the_connection(pg_url, conf
 
 
 @pytest.mark.postgres
-def test_unique_key_violation_is_not_translated(pg_url, configure):
-    db.run_migrations(pg_url)
-    configure(pg_url)
+def test_unique_key_violation_is_not_translated(empty_pg_url, configure):
+    db.run_migrations(empty_pg_url)
+    configure(empty_pg_url)
     with db.transaction() as connection:
         connection.execute(db.payments.insert().values(**payment_row("k1")))
 
@@ -124,9 +125,9 @@ def test_unique_key_violation_is_not_translated(pg_url, configure):
 
 @pytest.mark.postgres
 def test_exhausted_pool_raises_database_unavailable_and_logs_the_alarm_text(
-    pg_url, configure, caplog
+    empty_pg_url, configure, caplog
 ):
-    engine = configure(pg_url, db_pool_size=1, db_max_overflow=0, db_pool_timeout=0.5)
+    engine = configure(empty_pg_url, db_pool_size=1, db_max_overflow=0, db_pool_timeout=0.5)
     with engine.connect(), caplog.at_level(logging.ERROR, logger="database_config"):
         started = time.monotonic()
         with pytest.raises(DatabaseUnavailable) as raised, db.transaction():
@@ -182,8 +183,8 @@ def test_server_that_never_answers_is_abandoned_after_the_connect_timeout(config
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("pool", ["queue", "null"])
-def test_statement_timeout_raises_database_unavailable_naming_it(pg_url, configure, pool):
-    configure(pg_url, db_pool=pool, db_statement_timeout_ms=200)
+def test_statement_timeout_raises_database_unavailable_naming_it(empty_pg_url, configure, pool):
+    configure(empty_pg_url, db_pool=pool, db_statement_timeout_ms=200)
     started = time.monotonic()
     with (
         pytest.raises(DatabaseUnavailable, match="statement timeout of 200 ms"),
@@ -196,12 +197,12 @@ def test_statement_timeout_raises_database_unavailable_naming_it(pg_url, configu
 
 
 @pytest.mark.postgres
-def test_pre_ping_replaces_a_pooled_connection_the_server_killed(pg_url, configure):
-    engine = configure(pg_url)
+def test_pre_ping_replaces_a_pooled_connection_the_server_killed(empty_pg_url, configure):
+    engine = configure(empty_pg_url)
     with db.transaction() as connection:
         killed = backend_pid(connection)
 
-    with temporary_admin(pg_url) as admin:
+    with temporary_admin(empty_pg_url) as admin:
         admin.exec_driver_sql(f"SELECT pg_terminate_backend({killed})")
         poll_until(lambda: not admin.exec_driver_sql(active_pid_sql(killed)).scalar())
 
@@ -230,16 +231,18 @@ def poll_until(condition, timeout: float = 5.0) -> None:
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("pool", ["queue", "null"])
-def test_postgres_sessions_carry_application_name_and_statement_timeout(pg_url, configure, pool):
-    configure(pg_url, db_pool=pool, db_statement_timeout_ms=1234)
+def test_postgres_sessions_carry_application_name_and_statement_timeout(
+    empty_pg_url, configure, pool
+):
+    configure(empty_pg_url, db_pool=pool, db_statement_timeout_ms=1234)
     with db.transaction() as connection:
         assert connection.exec_driver_sql("SHOW statement_timeout").scalar() == "1234ms"
         assert connection.exec_driver_sql("SHOW application_name").scalar() == "payment-service"
 
 
 @pytest.mark.postgres
-def test_pool_status_counts_checked_out_and_overflow_connections(pg_url, configure):
-    engine = configure(pg_url, db_pool_size=1, db_max_overflow=2, db_pool_timeout=3)
+def test_pool_status_counts_checked_out_and_overflow_connections(empty_pg_url, configure):
+    engine = configure(empty_pg_url, db_pool_size=1, db_max_overflow=2, db_pool_timeout=3)
     with engine.connect(), engine.connect():
         status = db.pool_status()
     assert status == {
@@ -255,8 +258,8 @@ def test_pool_status_counts_checked_out_and_overflow_connections(pg_url, configu
 
 
 @pytest.mark.postgres
-def test_null_pool_status_counts_connections_in_use(pg_url, configure):
-    engine = configure(pg_url, db_pool="null")
+def test_null_pool_status_counts_connections_in_use(empty_pg_url, configure):
+    engine = configure(empty_pg_url, db_pool="null")
     with engine.connect(), engine.connect():
         assert db.pool_status()["checked_out"] == 2
     assert db.pool_status() == {
@@ -274,15 +277,15 @@ def test_null_pool_status_counts_connections_in_use(pg_url, configure):
 
 
 @pytest.mark.postgres
-def test_ping_succeeds_against_a_live_database(pg_url, configure):
-    configure(pg_url)
+def test_ping_succeeds_against_a_live_database(empty_pg_url, configure):
+    configure(empty_pg_url)
     db.ping(timeout=2)
     assert db.pool_status()["checked_out"] == 0
 
 
 @pytest.mark.postgres
-def test_ping_gives_up_after_its_timeout_not_the_pool_timeout(pg_url, configure):
-    engine = configure(pg_url, db_pool_size=1, db_max_overflow=0, db_pool_timeout=10)
+def test_ping_gives_up_after_its_timeout_not_the_pool_timeout(empty_pg_url, configure):
+    engine = configure(empty_pg_url, db_pool_size=1, db_max_overflow=0, db_pool_timeout=10)
     held = engine.connect()
     try:
         started = time.monotonic()
@@ -348,8 +351,10 @@ def test_configure_engine_replaces_and_closes_the_previous_engine(sqlite_url, tm
 
 
 @pytest.mark.postgres
-def test_forked_child_opens_its_own_connection_and_leaves_the_parents_alone(pg_url, configure):
-    configure(pg_url)
+def test_forked_child_opens_its_own_connection_and_leaves_the_parents_alone(
+    empty_pg_url, configure
+):
+    configure(empty_pg_url)
     with db.transaction() as connection:
         parent_backend = backend_pid(connection)
 
