@@ -9,7 +9,11 @@ sums or reports them per live worker.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from circuit_breaker import STATE_VALUES
 
 PAYMENTS = Counter("payments_total", "Payments by final outcome of this call", ["outcome"])
 PROVIDER_REQUESTS = Counter(
@@ -28,14 +32,27 @@ PROVIDER_LATENCY = Histogram(
 )
 BREAKER_STATE = Gauge(
     "payment_breaker_state",
-    "Provider circuit breaker: 0 closed, 1 half-open, 2 open (per worker)",
-    multiprocess_mode="max",
+    "Provider circuit breaker: 0 closed, 1 half-open, 2 open (worst live worker)",
+    multiprocess_mode="livemax",  # "max" would keep a dead worker's "open" forever
 )
 DB_POOL = Gauge(
     "db_pool_connections",
     "Database pool connections by state (size, checked_out, overflow), summed over workers",
     ["state"],
     multiprocess_mode="livesum",
+)
+
+DB_POOL_STATES = ("size", "checked_out", "overflow")
+HTTP_REQUESTS = Counter(
+    "http_requests_total",
+    "HTTP requests answered, by method, route (the URL rule, not the raw path) and status",
+    ["method", "route", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "http_request_duration_seconds",
+    "Time from receiving an HTTP request to handing back its response, by method and route",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30),
 )
 
 
@@ -51,3 +68,16 @@ def observe_provider_attempt(kind: str, attempt) -> None:
 def observe_payment(outcome: str) -> None:
     """Count one ``process_payment`` call by outcome (succeeded, declined, unknown, ...)."""
     PAYMENTS.labels(outcome).inc()
+
+
+def observe_http_request(method: str, route: str, status: int, seconds: float) -> None:
+    """Count and time one answered HTTP request."""
+    HTTP_REQUESTS.labels(method, route, str(status)).inc()
+    HTTP_LATENCY.labels(method, route).observe(seconds)
+
+
+def set_resource_gauges(pool_status: Mapping[str, int], breaker_state: str) -> None:
+    """Publish this worker's DB pool (``database_config.pool_status()``) and breaker state."""
+    for state in DB_POOL_STATES:
+        DB_POOL.labels(state).set(pool_status[state])
+    BREAKER_STATE.set(STATE_VALUES[breaker_state])

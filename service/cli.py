@@ -1,0 +1,51 @@
+"""``flask --app wsgi payments ...``: operator commands that run beside the service.
+
+``payments reconcile`` settles ``pending``/``unknown`` payments with the provider (run it
+from cron; several hosts at once are safe). ``payments migrate`` brings the schema to
+the latest Alembic revision. Both use the service's configuration, ``API_KEYS``
+included (the app refuses to load without it).
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+from flask import Flask
+from flask.cli import AppGroup
+
+import database_config
+import payment_handler
+
+payments_cli = AppGroup("payments", help="Payment maintenance commands.")
+
+
+def init_app(app: Flask) -> None:
+    app.cli.add_command(payments_cli)
+
+
+@payments_cli.command("reconcile")
+@click.option(
+    "--older-than",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Only payments not updated for this many seconds.",
+)
+def reconcile(older_than: float) -> None:
+    """Settle pending and unknown payments with the provider; print the report as JSON.
+
+    Exits with status 1 when some provider lookups failed (the next run retries them),
+    so cron and alerting notice.
+    """
+    report = payment_handler.reconcile_payments(older_than_seconds=older_than)
+    click.echo(json.dumps(report.to_dict(), sort_keys=True))
+    if report.errors:
+        raise click.exceptions.Exit(1)
+
+
+@payments_cli.command("migrate")
+def migrate() -> None:
+    """Upgrade the database schema to the latest revision (alembic upgrade head)."""
+    database_config.run_migrations()
+    click.echo("database schema is up to date")

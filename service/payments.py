@@ -1,0 +1,100 @@
+"""``/v1/payments``: take a payment and look one up (Bearer key required).
+
+The view only reads the request and renders the result: validation, idempotency,
+replays and conflicts all live in ``payment_handler``; errors become problem+json in
+``service.problems``.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+from flask import Blueprint, Response, jsonify, request, url_for
+from werkzeug.exceptions import BadRequest, NotFound, UnsupportedMediaType
+
+import payment_handler
+import payment_store
+from payment_handler import InvalidPaymentRequest, PaymentResult
+from service.auth import require_api_key
+
+bp = Blueprint("payments", __name__, url_prefix="/v1/payments")
+bp.before_request(require_api_key)
+
+FIELDS = frozenset(
+    {"amount", "currency", "payment_method", "transaction_id", "description", "metadata"}
+)
+#: The answer to a payment request by the payment's status (declines are 402 problems).
+CREATED_STATUS = {"succeeded": 201, "pending": 202, "unknown": 202}
+
+
+@bp.post("")
+def create_payment() -> Response:
+    body = read_payment_request()
+    result = payment_handler.process_payment(
+        body["amount"],
+        body.get("payment_method", "card"),
+        body.get("transaction_id"),
+        currency=body.get("currency"),
+        description=body.get("description"),
+        metadata=body.get("metadata"),
+        idempotency_key=request.headers.get("Idempotency-Key"),
+    )
+    return payment_response(result)
+
+
+@bp.get("/<string(maxlength=64):payment_id>")
+def get_payment(payment_id: str) -> Response:
+    stored = payment_store.find_by_id(payment_id)
+    if stored is None:
+        raise NotFound(f"There is no payment with id {payment_id!r}.")
+    return payment_response(PaymentResult.from_stored(stored), status=200)
+
+
+def payment_response(result: PaymentResult, status: int | None = None) -> Response:
+    """A payment as JSON: 201 succeeded, 202 pending or unknown, unless ``status`` is given.
+
+    A replay of an earlier request says so in ``Idempotent-Replayed``.
+    """
+    response = jsonify(result.to_dict())
+    response.status_code = status or CREATED_STATUS[result.status]
+    if response.status_code in (201, 202):
+        response.headers["Location"] = url_for("payments.get_payment", payment_id=result.id)
+    if result.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def read_payment_request() -> dict:
+    """The JSON object of a payment request: 415, 413, 400 or 422 when it is not one.
+
+    Numbers are parsed as ``Decimal`` so an amount of 25.99 is exactly 25.99.
+    """
+    if request.mimetype != "application/json" and not request.mimetype.endswith("+json"):
+        raise UnsupportedMediaType("Send the payment request as 'Content-Type: application/json'.")
+    raw = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413
+    try:
+        body = json.loads(raw, parse_float=Decimal, parse_constant=_refuse_constant)
+        if isinstance(body, dict) and body.get("metadata") is not None:
+            body["metadata"] = _plain_json(body["metadata"])
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"The request body is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(body, dict):
+        raise InvalidPaymentRequest("The request body must be a JSON object.", code="invalid_body")
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise InvalidPaymentRequest(
+            f"Unknown fields: {', '.join(unknown)[:200]}.", code="unknown_field"
+        )
+    if "amount" not in body:
+        raise InvalidPaymentRequest("amount is required.", code="invalid_amount")
+    return body
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _plain_json(value):
+    """Metadata is opaque JSON: its numbers go back to plain floats, as the store keeps them."""
+    return json.loads(json.dumps(value, default=float))
