@@ -43,11 +43,6 @@ class StoredPayment:
     updated_at: datetime
 
 
-def _aware(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything we write is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _from_row(row) -> StoredPayment:
     m = row._mapping
     return StoredPayment(
@@ -65,8 +60,8 @@ def _from_row(row) -> StoredPayment:
         failure_code=m["failure_code"],
         failure_message=m["failure_message"],
         attempts=m["attempts"],
-        created_at=_aware(m["created_at"]),
-        updated_at=_aware(m["updated_at"]),
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
     )
 
 
