@@ -358,6 +358,7 @@ class _Installed:
 
 _lock = threading.Lock()
 _installed: _Installed | None = None
+_master_pid: int | None = None  # set by GunicornJsonLogger: CloudWatch waits for the fork
 
 
 def _prepare(handler: logging.Handler, filters) -> logging.Handler:
@@ -372,10 +373,12 @@ def configure_logging(settings: Settings, *, cloudwatch: bool = True) -> None:
 
     Idempotent per process: a repeated call with the same settings changes nothing. A
     CloudWatch handler inherited across fork is dropped, never flushed: its threads and
-    connections belong to the parent.
+    connections belong to the parent. In a gunicorn master (see :class:`GunicornJsonLogger`)
+    ``cloudwatch`` is ignored, so even a preloaded app cannot start CloudWatch there.
     """
     global _installed
     root = logging.getLogger()
+    cloudwatch = cloudwatch and os.getpid() != _master_pid
     with _lock:
         current = _installed
         if (
@@ -445,7 +448,9 @@ class GunicornJsonLogger(glogging.Logger):
     """
 
     def setup(self, cfg) -> None:
+        global _master_pid
         super().setup(cfg)
+        _master_pid = os.getpid()
         configure_logging(get_settings(), cloudwatch=False)
         filters = _installed.filters
         for log in (self.error_log, self.access_log):

@@ -31,6 +31,9 @@ _KEY_VALUE = re.compile(
     re.IGNORECASE,
 )
 _BEARER = re.compile(r"\bbearer\s+(?!\[)[A-Za-z0-9\-._~+/]+=*", re.IGNORECASE)
+# A word every match of the two patterns above contains, searched in lowercased text:
+# far cheaper than running them case-insensitively on every message.
+_KEY_OR_BEARER = re.compile(r"cvv|cvc|card|pan|secur|api|passw|secret|authori|bearer")
 
 # A run of 13 or more digits, single spaces or dashes allowed between them.
 _DIGIT_RUN = re.compile(r"(?<!\d)\d(?:[ -]?\d){12,}(?!\d)")
@@ -98,8 +101,10 @@ class Redactor:
         if self._secrets is not None:
             value = self._secrets.sub(REDACTED, value)
         value = _DIGIT_RUN.sub(_redact_card, value)
-        value = _KEY_VALUE.sub(rf"\1{REDACTED}", value)
-        return _BEARER.sub(f"Bearer {REDACTED}", value)
+        if _KEY_OR_BEARER.search(value.lower()):
+            value = _KEY_VALUE.sub(rf"\1{REDACTED}", value)
+            value = _BEARER.sub(f"Bearer {REDACTED}", value)
+        return value
 
     def value(self, value: object) -> object:
         """Redact a JSON-bound value: strings, card-like integers, nested containers.

@@ -23,9 +23,14 @@ POLL_INTERVAL = 0.05
 
 
 class MotoServer:
-    """One moto server process; use as a context manager, then read ``url``."""
+    """One moto server process; use as a context manager, then read ``url``.
 
-    def __init__(self, startup_timeout: float = STARTUP_TIMEOUT):
+    port: 0 (the default) lets the kernel choose; a fixed port brings a server up
+    where clients already point (an outage that ends).
+    """
+
+    def __init__(self, port: int = 0, startup_timeout: float = STARTUP_TIMEOUT):
+        self.port = port
         self.startup_timeout = startup_timeout
         self.url: str | None = None
         self._process: subprocess.Popen | None = None
@@ -44,7 +49,7 @@ class MotoServer:
         # reads would fill and stall the server.
         with os.fdopen(fd, "wb") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
