@@ -43,7 +43,7 @@ def create_payment() -> Response:
     return payment_response(result)
 
 
-@bp.get("/<string(maxlength=64):payment_id>")
+@bp.get("/<payment_id>")
 def get_payment(payment_id: str) -> Response:
     stored = payment_store.find_by_id(payment_id)
     if stored is None:
@@ -75,6 +75,8 @@ def read_payment_request() -> dict:
     raw = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413
     try:
         body = json.loads(raw, parse_float=Decimal, parse_constant=_refuse_constant)
+        # "\ud800" escapes decode to lone surrogates, which are not text (UnicodeEncodeError).
+        json.dumps(body, ensure_ascii=False, default=str).encode()
         if isinstance(body, dict) and body.get("metadata") is not None:
             body["metadata"] = _plain_json(body["metadata"])
     except (ValueError, RecursionError) as exc:
