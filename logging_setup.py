@@ -14,7 +14,7 @@ per record. gunicorn wiring::
     accesslog = "-"                                     # access log on, as JSON
 
     def post_fork(server, worker):
-        start_worker_logging(get_settings())
+        start_worker_logging(get_settings())  # first, so the worker's start-up logs ship
 
     def worker_exit(server, worker):
         shutdown_logging()
@@ -174,6 +174,8 @@ class DeliveryMonitor:
     def drop(self, count: int = 1) -> None:
         with self._lock:
             self.dropped += count
+            if self.failing:
+                return
         self.failed("too many records waiting for CloudWatch; dropping new ones")
 
 
@@ -434,8 +436,9 @@ def shutdown_logging(timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:
     handler.close(timeout)
 
 
-# Before logging's own exit hook (atexit runs last-registered first), which would close
-# watchtower's handler with its unbounded wait.
+# Runs before logging's own exit hook (atexit is last-registered first): queued records
+# are delivered within DEFAULT_SHUTDOWN_TIMEOUT, and logging.shutdown then finds
+# watchtower's handler already closed instead of flushing and closing it again.
 atexit.register(shutdown_logging)
 
 
