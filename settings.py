@@ -22,6 +22,13 @@ DEFAULT_PAYMENT_API_URL = f"http://127.0.0.1:{SANDBOX_PORT}"
 SANDBOX_API_KEY = "sk_sandbox_local"
 
 
+#: The only retention periods CloudWatch Logs accepts (PutRetentionPolicy).
+CLOUDWATCH_RETENTION_DAYS = (
+    1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922,
+    3288, 3653,
+)  # fmt: skip
+
+
 class ConfigError(ValueError):
     """A configuration variable has a value the service cannot run with."""
 
@@ -175,10 +182,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     retention = _text(env, "CLOUDWATCH_RETENTION_DAYS", "30")
     retention_days = (
-        None
-        if retention in ("0", "none", "never")
-        else _int(env, "CLOUDWATCH_RETENTION_DAYS", 30, minimum=1, maximum=3653)
+        None if retention == "0" else _int(env, "CLOUDWATCH_RETENTION_DAYS", 30, minimum=0)
     )
+    if retention_days is not None and retention_days not in CLOUDWATCH_RETENTION_DAYS:
+        raise ConfigError(
+            "CLOUDWATCH_RETENTION_DAYS must be 0 (leave as is) or one of the values CloudWatch "
+            f"accepts ({', '.join(map(str, CLOUDWATCH_RETENTION_DAYS))}), got {retention_days}"
+        )
 
     return Settings(
         database_url=_url(env, "DATABASE_URL", DEFAULT_DATABASE_URL, ("sqlite:", "postgresql")),

@@ -60,6 +60,7 @@ def test_secrets_are_not_in_the_repr():
         ("GUNICORN_THREADS", "0"),
         ("API_KEYS", "short"),
         ("REQUESTS_CA_BUNDLE", "/nonexistent/ca.pem"),
+        ("CLOUDWATCH_RETENTION_DAYS", "10"),
     ],
 )
 def test_bad_value_names_the_variable(variable, value):
