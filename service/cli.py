@@ -3,7 +3,8 @@
 ``payments reconcile`` settles ``pending``/``unknown`` payments with the provider (run it
 from cron; several hosts at once are safe). ``payments migrate`` brings the schema to
 the latest Alembic revision. Both use the service's configuration, ``API_KEYS``
-included (the app refuses to load without it).
+included (the app refuses to load without it), and log like the service does, so a cron
+job's reconciliations land in the same place as the requests that left them unknown.
 """
 
 from __future__ import annotations
@@ -15,9 +16,16 @@ from flask import Flask
 from flask.cli import AppGroup
 
 import database_config
+import logging_setup
 import payment_handler
+from settings import get_settings
 
-payments_cli = AppGroup("payments", help="Payment maintenance commands.")
+
+@click.group("payments", cls=AppGroup)
+def payments_cli() -> None:
+    """Payment maintenance commands (logs: JSON on stderr, and CloudWatch when configured)."""
+    logging_setup.configure_logging(get_settings())
+    click.get_current_context().call_on_close(logging_setup.shutdown_logging)
 
 
 def init_app(app: Flask) -> None:

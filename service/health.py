@@ -9,12 +9,16 @@ so taking them all out of the load balancer would turn fast 503s into connection
 
 from __future__ import annotations
 
+import logging
+
 from flask import Blueprint, current_app, jsonify
 
 import database_config
 import payment_handler
 from errors import DatabaseUnavailable
 from service.problems import problem
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("health", __name__)
 
@@ -30,7 +34,7 @@ def readyz():
     try:
         database_config.ping(timeout=current_app.config["READINESS_DB_TIMEOUT"])
     except DatabaseUnavailable as exc:
-        current_app.logger.warning("not ready: %s", exc.message)
+        log.warning("not ready: %s", exc.message)
         checks["database"] = "unavailable"
         return problem(
             503,

@@ -22,6 +22,7 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 
 import database_config
+import logging_setup
 import payment_handler
 import payment_store
 import settings
@@ -516,6 +517,19 @@ def test_openapi_documents_every_route(client):
     assert served == documented
 
 
+@pytest.fixture
+def restore_root_logging():
+    """The CLI installs the service's log handlers on the root logger: take them off again."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    logging_setup.shutdown_logging()
+    for handler in set(root.handlers) - set(handlers):
+        root.removeHandler(handler)
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_root_logging")
 def test_cli_reconcile_settles_unknown_payments_and_prints_json(make_app, sandbox):
     app = make_app(payment_read_timeout=0.3, payment_deadline=1.0)
     sandbox.set_faults(hang=True)
@@ -523,16 +537,23 @@ def test_cli_reconcile_settles_unknown_payments_and_prints_json(make_app, sandbo
     sandbox.set_faults()
     result = app.test_cli_runner().invoke(args=["payments", "reconcile", "--older-than", "0"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["examined"] >= 1 and report["errors"] == 0
     settled = payment_store.find_by_id(unknown["id"])
     assert (settled.status, settled.failure_code) == ("failed", "not_received")
+    logged = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert any(  # the cron job logs like the service: JSON, with the payment's id
+        entry["message"] == "reconciled payment: unknown -> failed"
+        and entry.get("payment_id") == unknown["id"]
+        for entry in logged
+    )
 
 
+@pytest.mark.usefixtures("restore_root_logging")
 def test_cli_migrate_upgrades_the_schema(make_app):
     result = make_app().test_cli_runner().invoke(args=["payments", "migrate"])
     assert result.exit_code == 0, result.output
-    assert "up to date" in result.output
+    assert result.stdout == "database schema is up to date\n"
 
 
 # --------------------------------------------------------------------------- fuzz
