@@ -50,8 +50,8 @@ HTTP_REQUESTS = Counter(
 )
 HTTP_LATENCY = Histogram(
     "http_request_duration_seconds",
-    "Time from receiving an HTTP request to handing back its response, by method and route",
-    ["method", "route"],
+    "Time from receiving an HTTP request to handing back its response",
+    ["method", "route", "status"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30),
 )
 
@@ -73,7 +73,7 @@ def observe_payment(outcome: str) -> None:
 def observe_http_request(method: str, route: str, status: int, seconds: float) -> None:
     """Count and time one answered HTTP request."""
     HTTP_REQUESTS.labels(method, route, str(status)).inc()
-    HTTP_LATENCY.labels(method, route).observe(seconds)
+    HTTP_LATENCY.labels(method, route, str(status)).observe(seconds)
 
 
 def set_resource_gauges(pool_status: Mapping[str, int], breaker_state: str) -> None:

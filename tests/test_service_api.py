@@ -182,6 +182,15 @@ def test_transaction_id_is_the_key_without_the_header(client, sandbox):
     assert len(sandbox.ledger()) == 1
 
 
+def test_idempotency_key_header_wins_over_transaction_id(client, sandbox):
+    key = new_key()
+    first = assert_payment(pay(client, {"transaction_id": "invoice-1"}, key=key), 201)
+    assert (first["idempotency_key"], first["transaction_id"]) == (key, "invoice-1")
+    other = pay(client, {"transaction_id": "invoice-2"}, key=key)
+    assert_problem(other, 422, "idempotency_key_reused")
+    assert [c["idempotency_key"] for c in sandbox.ledger()] == [key]
+
+
 def test_requests_without_any_key_are_separate_payments(client, sandbox):
     first = assert_payment(pay(client), 201)
     second = assert_payment(pay(client), 201)
@@ -488,6 +497,8 @@ def test_metrics_count_requests_by_url_rule_and_show_pool_and_breaker(client):
     assert response.status_code == 200 and response.mimetype == "text/plain"
     text = response.get_data(as_text=True)
     assert _sample(text, by_id) == before + 2
+    latency = 'http_request_duration_seconds_count{method="GET",route="/v1/payments/<payment_id>"'
+    assert latency in text
     assert "pay_a" not in text
     assert _sample(text, 'db_pool_connections{state="size"}') == 8
     assert 'db_pool_connections{state="checked_out"}' in text
