@@ -8,7 +8,6 @@ choosing it and gunicorn binding it. Start-up waits for ``/healthz`` with a dead
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -135,7 +134,3 @@ class GunicornProcess:
             return self._final_stderr
         self._stderr.seek(0)
         return self._stderr.read().decode(errors="replace")
-
-    def worker_pids(self) -> list[int]:
-        """Pids of the workers booted so far, from gunicorn's own log lines."""
-        return [int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", self.stderr)]
