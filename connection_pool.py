@@ -137,6 +137,54 @@ def reset_session() -> None:
 os.register_at_fork(after_in_child=reset_session)
 
 
+class Bulkhead:
+    """Counts this process's provider calls and refuses one at once when waiting is futile.
+
+    The pool already bounds connections, and a caller waits ``patience``
+    (``PAYMENT_POOL_TIMEOUT``) for a free one: right when the provider is fast, since a
+    connection frees within milliseconds. When every connection is held by a call that
+    has already run longer than that wait, the provider is stuck; a gthread worker that
+    lets each new payment wait would tie up its remaining threads, 0.25 s at a time, and
+    health checks would queue behind them. Then the call is refused without waiting.
+
+    :param size: outbound connections (``PAYMENT_POOL_MAXSIZE``).
+    :param patience: seconds a caller would wait for a connection.
+    """
+
+    def __init__(self, size: int, patience: float, *, clock: Callable[[], float] = time.monotonic):
+        self.size = size
+        self.patience = patience
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._started: dict[object, float] = {}
+
+    def is_saturated(self) -> bool:
+        """Every connection is (most likely) held by a call older than ``patience``."""
+        with self._lock:
+            return self._saturated(self._clock())
+
+    def _saturated(self, now: float) -> bool:
+        if len(self._started) < self.size:
+            return False
+        # The oldest `size` calls are the ones holding connections; the rest are waiting.
+        holders = sorted(self._started.values())[: self.size]
+        return now - holders[-1] > self.patience
+
+    def enter(self) -> object | None:
+        """Register a call; ``None`` (nothing registered) when saturated."""
+        now = self._clock()
+        with self._lock:
+            if self._saturated(now):
+                return None
+            token = object()
+            self._started[token] = now
+            return token
+
+    def leave(self, token: object) -> None:
+        with self._lock:
+            self._started.pop(token, None)
+
+
 def build_retry(settings: Settings, idempotent: bool) -> Retry:
     """The retry policy of one request.
 

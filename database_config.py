@@ -29,8 +29,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -517,6 +515,10 @@ payment_events = Table(
 
 def run_migrations(database_url: str | None = None) -> None:
     """``alembic upgrade head`` for ``database_url`` (default: the configured one)."""
+    # Imported here: Alembic logs its plugin set-up on import, in every worker otherwise.
+    from alembic import command
+    from alembic.config import Config
+
     config = Config(str(ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(ROOT / "migrations"))
     config.attributes["database_url"] = database_url or settings.get_settings().database_url

@@ -35,10 +35,11 @@ import requests
 
 import metrics
 import payment_store as store
-from circuit_breaker import build_breaker
+from circuit_breaker import OPEN, build_breaker
 from connection_pool import (
     POOL_BUSY,
     TLS,
+    Bulkhead,
     Exchange,
     build_retry,
     default_jitter,
@@ -248,6 +249,9 @@ class PaymentClient:
         self._session = session
         self.breaker = breaker if breaker is not None else build_breaker(self.settings)
         self._clock, self._sleep, self._jitter = clock, sleep, jitter
+        self.bulkhead = Bulkhead(
+            self.settings.payment_pool_maxsize, self.settings.payment_pool_timeout, clock=clock
+        )
         self._charge_retry = build_retry(self.settings, idempotent=True)
         self._charges_url = f"{self.settings.payment_api_url}/v1/charges"
         self._auth = f"Bearer {self.settings.payment_api_key}"
@@ -286,14 +290,20 @@ class PaymentClient:
             "metadata": dict(metadata) if metadata else {},
         }
         self.breaker.before_call()
-        exchange = self._send(
-            "POST",
-            self._charges_url,
-            retry=self._charge_retry,
-            kind="charge",
-            json=body,
-            headers={"Authorization": self._auth, "Idempotency-Key": key},
-        )
+        slot = self.bulkhead.enter()
+        if slot is None:
+            raise self._pool_busy([])
+        try:
+            exchange = self._send(
+                "POST",
+                self._charges_url,
+                retry=self._charge_retry,
+                kind="charge",
+                json=body,
+                headers={"Authorization": self._auth, "Idempotency-Key": key},
+            )
+        finally:
+            self.bulkhead.leave(slot)
         try:
             charge = self._charge_from(exchange)
         except (PaymentServiceUnavailable, PaymentOutcomeUnknown) as exc:
@@ -305,6 +315,26 @@ class PaymentClient:
             raise
         self.breaker.record_success()
         return charge
+
+    def check_available(self) -> None:
+        """Raise ``PaymentServiceUnavailable`` now if a charge would be refused anyway.
+
+        Lets ``process_payment`` fail fast without writing a row while the breaker is
+        open or every outbound connection is stuck; takes no trial slot and no connection.
+        """
+        if self.breaker.state == OPEN:
+            self.breaker.before_call()  # raises with the remaining retry_after
+        if self.bulkhead.is_saturated():
+            raise self._pool_busy([])
+
+    def _pool_busy(self, attempts) -> PaymentServiceUnavailable:
+        return PaymentServiceUnavailable(
+            f"all {self.settings.payment_pool_maxsize} outbound provider connections are "
+            f"busy (waited up to {self.settings.payment_pool_timeout}s)",
+            code="outbound_pool_busy",
+            retry_after=1.0,
+            attempts=attempts,
+        )
 
     def find_charges(self, idempotency_key: str) -> tuple[list[dict], list]:
         """The provider's charges for ``idempotency_key`` and the requests it took.
@@ -430,13 +460,7 @@ class PaymentClient:
     def _transport_error(self, exchange: Exchange) -> PaymentError:
         kind, attempts = exchange.error_kind, exchange.attempts
         if kind == POOL_BUSY:
-            return PaymentServiceUnavailable(
-                f"all {self.settings.payment_pool_maxsize} outbound provider connections are "
-                f"busy (waited {self.settings.payment_pool_timeout}s)",
-                code="outbound_pool_busy",
-                retry_after=1.0,
-                attempts=attempts,
-            )
+            return self._pool_busy(attempts)
         if kind == TLS:
             log.critical("payment provider TLS verification failed: %s", exchange.error)
             return PaymentServiceUnavailable(
@@ -525,6 +549,12 @@ def _check_text(name: str, value, max_length: int, *, required: bool) -> str | N
         raise InvalidPaymentRequest(
             f"{name} must be at most {max_length} characters", code=f"invalid_{name}"
         )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidPaymentRequest(
+            f"{name} is not valid text (lone surrogate)", code=f"invalid_{name}"
+        ) from None
     return value
 
 
@@ -616,6 +646,14 @@ class PaymentService:
 
     def process(self, request: PaymentRequest) -> PaymentResult:
         with bind_log_context(transaction_id=request.transaction_id):
+            try:
+                self.client.check_available()
+            except PaymentServiceUnavailable as exc:
+                # A known key is still replayed; a new one is refused before it is stored.
+                if store.find_by_key(request.idempotency_key) is None:
+                    metrics.observe_payment(exc.code)
+                    raise
+                return self._repeat(request)
             stored = store.insert_pending(
                 payment_id=f"pay_{uuid.uuid4().hex[:24]}",
                 idempotency_key=request.idempotency_key,

@@ -11,6 +11,7 @@ from connection_pool import (
     CONNECT,
     READ,
     BoundedPoolAdapter,
+    Bulkhead,
     build_retry,
     build_session,
     classify_error,
@@ -99,3 +100,26 @@ def test_session_mounts_a_blocking_bounded_pool(make_settings):
     pool = adapter.poolmanager.connection_from_url("https://provider.example")
     assert pool.block is True and pool.pool.maxsize == 7
     assert session.verify is True and session.trust_env is False
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_bulkhead_waits_while_calls_are_young_and_refuses_when_all_are_stuck():
+    clock = Clock()
+    bulkhead = Bulkhead(size=2, patience=0.25, clock=clock)
+    holders = [bulkhead.enter(), bulkhead.enter()]
+    waiter = bulkhead.enter()  # a third caller: the pool makes it wait for a connection
+    assert waiter is not None and not bulkhead.is_saturated()
+    clock.now += 0.3  # both connections held longer than anyone would wait
+    assert bulkhead.is_saturated()
+    assert bulkhead.enter() is None
+    bulkhead.leave(waiter)  # the waiter gave up after PAYMENT_POOL_TIMEOUT
+    bulkhead.leave(holders[0])  # one call finished: its connection is free again
+    assert not bulkhead.is_saturated()
+    assert bulkhead.enter() is not None

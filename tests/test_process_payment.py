@@ -364,3 +364,31 @@ def test_crash_mid_charge_leaves_pending_that_reconciliation_settles(payments, s
     (charge,) = ledger_for(sandbox, tx)
     assert settled.status == "succeeded"
     assert (settled.amount_minor, settled.provider_charge_id) == (charge["amount"], charge["id"])
+
+
+def test_open_breaker_refuses_new_payments_without_storing_but_replays_known_ones(
+    payments, sandbox, unused_port
+):
+    done = process_payment("2.00", transaction_id=key())
+    payments(
+        payment_api_url=f"http://127.0.0.1:{unused_port}",
+        payment_max_retries=0,
+        payment_breaker_failures=2,
+    )
+    for _ in range(2):
+        with pytest.raises(PaymentServiceUnavailable):
+            process_payment("1.00", transaction_id=key())
+    with db.transaction() as conn:
+        before = conn.execute(select(func.count()).select_from(db.payments)).scalar_one()
+    with pytest.raises(PaymentServiceUnavailable) as info:
+        process_payment("1.00", transaction_id=key())
+    assert info.value.code == "breaker_open" and info.value.payment is None
+    with db.transaction() as conn:
+        assert conn.execute(select(func.count()).select_from(db.payments)).scalar_one() == before
+    replay = process_payment("2.00", transaction_id=done.transaction_id)
+    assert replay.id == done.id and replay.replayed
+
+
+def test_text_that_is_not_unicode_is_refused(payments):
+    with pytest.raises(InvalidPaymentRequest, match="description"):
+        process_payment("1.00", transaction_id=key(), description="bad \ud800 text")

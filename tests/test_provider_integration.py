@@ -86,6 +86,14 @@ def test_bulkhead_fails_fast_when_every_connection_is_busy(sandbox, client_for):
         client.charge("1.00")
     assert info.value.code == "outbound_pool_busy"
     assert time.monotonic() - started < 1.0
+    # Both holders have now hung longer than PAYMENT_POOL_TIMEOUT: refuse without waiting,
+    # so a stuck provider cannot tie up the worker's other threads 0.25 s at a time.
+    started = time.monotonic()
+    with pytest.raises(PaymentServiceUnavailable) as info:
+        client.charge("1.00")
+    assert info.value.code == "outbound_pool_busy"
+    assert time.monotonic() - started < 0.1
+    assert sandbox.state()["requests"]["POST /v1/charges"] == 2
     sandbox.set_faults()  # heal: the hung requests are dropped
     for t in holders:
         t.join(10)
