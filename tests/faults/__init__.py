@@ -1,0 +1,1 @@
+"""Faults, abuse and scale-out: real processes prove nothing is lost or charged twice."""
