@@ -60,7 +60,7 @@ class Databases:
                 timeout=MIGRATE_TIMEOUT_S,
                 capture_output=True,
             )
-        name = self._create(f"{self.prefix}_{label}", template=self._template)
+        name = self._create(f"{self.prefix}_{len(self._created)}_{label}", template=self._template)
         return name, f"{SERVER_URL}/{name}"
 
     def _create(self, name: str, template: str | None = None) -> str:
@@ -79,6 +79,16 @@ class Databases:
                 return {status: count for status, count in rows}
         finally:
             engine.dispose()
+
+    def backend_pids(self, name: str) -> list[int]:
+        """Server processes serving clients of database ``name`` (for their CPU time)."""
+        with self._admin.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %(name)s"
+                " AND backend_type = 'client backend'",
+                {"name": name},
+            )
+            return [pid for (pid,) in rows]
 
     def close(self) -> None:
         with self._admin.connect() as conn:

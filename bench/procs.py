@@ -170,6 +170,24 @@ class AppProcess:
         return ticks / CLOCK_TICKS
 
 
+def own_cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process (0 if it is gone)."""
+    stat = _proc_stat(pid)
+    return 0.0 if stat is None else (stat[11] + stat[12]) / CLOCK_TICKS
+
+
+def find_child(marker: str) -> int | None:
+    """The pid of a child of this process whose command line contains ``marker``."""
+    for pid in _children(os.getpid()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if marker.encode() in cmdline:
+            return pid
+    return None
+
+
 def _proc_stat(pid: int) -> list[int] | None:
     """Fields 3.. of ``/proc/<pid>/stat`` as ints (index 11 is utime); None if gone."""
     try:

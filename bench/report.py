@@ -13,6 +13,10 @@ ROWS = {
         ("db_peak_in_use", "peak DB connections in use"),
         ("db_peak_open", "peak DB connections open"),
         ("cpu_ms_per_payment", "app CPU ms per payment"),
+        ("db_cpu_ms_per_payment", "PostgreSQL CPU ms per payment"),
+        ("provider_cpu_ms_per_payment", "sandbox CPU ms per payment"),
+        ("system_cpu_ms_per_payment", "app + PostgreSQL + sandbox CPU ms"),
+        ("rounds.throughput_per_s", "payments/s in each round"),
     ],
     "slow": [
         ("throughput_per_s", "payments/s (201)"),
@@ -47,6 +51,9 @@ ROWS = {
         ("payments_201", "payments (201)"),
         ("cpu_s", "app CPU s (master + workers)"),
         ("cpu_ms_per_payment", "app CPU ms per payment"),
+        ("rounds.cpu_ms_per_payment", "app CPU ms per payment, each round"),
+        ("db_cpu_ms_per_payment", "PostgreSQL CPU ms per payment"),
+        ("system_cpu_ms_per_payment", "app + PostgreSQL + sandbox CPU ms"),
         ("p99_ms", "p99 latency ms"),
     ],
 }
@@ -62,12 +69,19 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _get(figures: dict, key: str):
+    """``figures[key]``, where ``a.b`` reaches into a nested dict."""
+    for part in key.split("."):
+        figures = figures.get(part) if isinstance(figures, dict) else None
+    return figures
+
+
 def scenario_table(name: str, runs: dict[str, dict]) -> str:
     """A Markdown table: one row per figure, one column per app."""
     apps = list(runs)
     lines = [f"| {name} | " + " | ".join(apps) + " |", "|---" * (len(apps) + 1) + "|"]
     for key, label in ROWS[name]:
-        lines.append(f"| {label} | " + " | ".join(_cell(runs[a].get(key)) for a in apps) + " |")
+        lines.append(f"| {label} | " + " | ".join(_cell(_get(runs[a], key)) for a in apps) + " |")
     return "\n".join(lines)
 
 

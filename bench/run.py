@@ -23,7 +23,7 @@ from pathlib import Path
 from bench import report
 from bench.databases import Databases
 from bench.load import CLIENT_TIMEOUT_S, PROBE_INTERVAL_S, ensure_wrk
-from bench.procs import ROOT
+from bench.procs import ROOT, find_child
 from bench.scenarios import (
     NAIVE_ENV,
     SERVICE_ENV,
@@ -38,6 +38,9 @@ from tests.support.sandbox import SandboxProcess
 OUT_DIR = ROOT / "bench" / "out"
 QUICK_OUT_DIR = OUT_DIR / "tmp" / "quick"
 PLOT_PATH = ROOT / "docs" / "incident_timeline.png"
+#: Scenarios that measure capacity, run ``--repeat`` times; and what each round keeps.
+REPEATED = ("steady", "overhead")
+ROUND_FIGURES = ("throughput_per_s", "p99_ms", "cpu_ms_per_payment", "system_cpu_ms_per_payment")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--scenarios", default="steady,slow,hang,overhead", help="comma-separated, in order"
     )
     parser.add_argument("--apps", default="", help="only these apps: floor,naive,service")
+    parser.add_argument(
+        "--repeat", type=int, help="rounds of steady and overhead (default 2; --quick: 1)"
+    )
     parser.add_argument(
         "--out", type=Path, help=f"output directory (default {OUT_DIR}; --quick: {QUICK_OUT_DIR})"
     )
@@ -74,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.app_names - {"floor", "naive", "service"}:
         parser.error("--apps takes floor, naive and service")
     args.out = args.out or (QUICK_OUT_DIR if args.quick else OUT_DIR)
+    args.repeat = args.repeat or (1 if args.quick else 2)
     default_plot = PLOT_PATH if args.out == OUT_DIR else args.out / "incident_timeline.png"
     args.plot = args.plot or default_plot
     return args
@@ -125,13 +132,37 @@ def parameters(quick: bool, names: list[str], service_env: dict[str, str]) -> di
     }
 
 
+def run_scenario(bench: Bench, scenario, args) -> dict[str, dict]:
+    """Each app's figures; capacity scenarios run ``--repeat`` rounds, alternating the app
+    order (A B C, C B A ...) so drift on a shared machine hits every app alike, and keep
+    each app's round with the best throughput (interference only ever slows a run)."""
+    apps = [a for a in scenario.apps if not args.app_names or a in args.app_names]
+    rounds = args.repeat if scenario.name in REPEATED else 1
+    runs: dict[str, list[dict]] = {app: [] for app in apps}
+    for round_ in range(rounds):
+        for app in apps if round_ % 2 == 0 else apps[::-1]:
+            print(f"bench: {scenario.name} / {app} ...", file=sys.stderr, flush=True)
+            figures = measure(bench, scenario, app)
+            suffix = f"-{round_ + 1}" if rounds > 1 else ""
+            wrk_output = figures.pop("wrk_output")
+            (args.out / f"wrk-{scenario.name}-{app}{suffix}.txt").write_text(wrk_output)
+            runs[app].append(figures)
+    chosen = {}
+    for app, app_runs in runs.items():
+        best = max(app_runs, key=lambda f: f["throughput_per_s"])
+        if rounds > 1:
+            best["rounds"] = {k: [f[k] for f in app_runs] for k in ROUND_FIGURES}
+        chosen[app] = best
+    return chosen
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     wrk = ensure_wrk()
     subprocess.run([str(ROOT / "scripts" / "ensure_services.sh")], check=True, timeout=120)
     tmp_dir = args.out / "tmp"  # logs and per-request records: kept out of git
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*tmp_dir.glob("*.log"), *tmp_dir.glob("*.txt")]:
+    for stale in [*tmp_dir.glob("*.log"), *tmp_dir.glob("*.txt"), *args.out.glob("wrk-*.txt")]:
         stale.unlink()
     command = "python -m bench.run " + shlex.join(sys.argv[1:] if argv is None else argv)
     all_scenarios = scenarios(args.quick)
@@ -139,16 +170,15 @@ def main(argv=None) -> int:
     started = time.monotonic()
     with Databases() as databases, SandboxProcess(tls=True) as sandbox:
         info = machine(databases, wrk)
-        bench = Bench(sandbox, databases, tmp_dir, service_env=args.service_env)
+        bench = Bench(
+            sandbox,
+            databases,
+            tmp_dir,
+            sandbox_pid=find_child("sandbox_provider"),
+            service_env=args.service_env,
+        )
         for name in args.scenario_names:
-            scenario = all_scenarios[name]
-            for app in scenario.apps:
-                if args.app_names and app not in args.app_names:
-                    continue
-                print(f"bench: {name} / {app} ...", file=sys.stderr, flush=True)
-                figures = measure(bench, scenario, app)
-                (args.out / f"wrk-{name}-{app}.txt").write_text(figures.pop("wrk_output"))
-                results.setdefault(name, {})[app] = figures
+            results[name] = run_scenario(bench, all_scenarios[name], args)
     params = parameters(args.quick, args.scenario_names, args.service_env)
     targets = report.evaluate(results, params)
     table = report.render(results, targets)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.databases import ActivityPoller, Databases
 from bench.load import CLIENT_TIMEOUT_S, HealthProber, LoadResult, percentile, run_wrk
-from bench.procs import AppProcess
+from bench.procs import AppProcess, own_cpu_seconds
 
 API_KEY = "bench-inbound-key-0123456789"
 POOL_EXHAUSTED = "Database query failed: connection pool exhausted"
@@ -117,6 +117,7 @@ class Bench:
     sandbox: object  # tests.support.sandbox.SandboxProcess, started with TLS
     databases: Databases
     tmp_dir: Path
+    sandbox_pid: int  # for its CPU time
     service_env: dict[str, str] = field(default_factory=dict)  # experiments: --service-env
     run_token: str = field(default_factory=lambda: secrets.token_hex(4))
 
@@ -160,7 +161,7 @@ def measure(bench: Bench, scenario: Scenario, app: str) -> dict:
             prober = stack.enter_context(
                 HealthProber(process.url, max_seconds=scenario.warmup + scenario.duration + 30)
             )
-        phases = _Phases(bench, process, scenario)
+        phases = _Phases(bench, process, db_name, scenario)
         stack.callback(phases.stop)
         phases.start()
         result = run_wrk(
@@ -175,17 +176,21 @@ def measure(bench: Bench, scenario: Scenario, app: str) -> dict:
         marks = phases.stop()
         if "before" not in marks:
             raise RuntimeError(f"{stem}: the measured window never opened")
-        after = _snapshot(bench, process, since=marks["before"]["stderr"])
+        after = _snapshot(bench, process, db_name, since=marks["before"]["stderr"])
     stored = bench.databases.payment_counts(db_name)  # after in-flight requests finished
     window = result.window(marks["before"]["time"])
     return _figures(scenario, app, window, marks, after, poller, prober, stored)
 
 
-def _snapshot(bench: Bench, process: AppProcess, since: int | None = None) -> dict:
+def _snapshot(bench: Bench, process: AppProcess, db_name: str, since: int | None = None) -> dict:
+    """Counters to subtract: CPU seconds of the app, of its database backends and of the
+    sandbox; the sandbox's connection and charge counts; the app's log size."""
     state = bench.sandbox.state()
     snap = {
         "time": time.time(),
         "cpu": process.cpu_seconds(),
+        "db_cpu": {pid: own_cpu_seconds(pid) for pid in bench.databases.backend_pids(db_name)},
+        "provider_cpu": own_cpu_seconds(bench.sandbox_pid),
         "connections": state["connections_accepted"],
         "charges": state["requests"].get("POST /v1/charges", 0),
         "stderr": process.stderr_size(),
@@ -203,9 +208,9 @@ class _Phases(threading.Thread):
     scenario, ``hang_start``/``heal`` (epoch s) and the charge counts at both.
     """
 
-    def __init__(self, bench: Bench, process: AppProcess, scenario: Scenario):
+    def __init__(self, bench: Bench, process: AppProcess, db_name: str, scenario: Scenario):
         super().__init__(name="phases", daemon=True)
-        self.bench, self.process, self.scenario = bench, process, scenario
+        self.bench, self.process, self.db_name, self.scenario = bench, process, db_name, scenario
         self.marks: dict = {}
         self._cancel = threading.Event()
 
@@ -219,7 +224,7 @@ class _Phases(threading.Thread):
         if not self._at(start, scenario.warmup):
             return
         sandbox.set_faults(latency_ms=scenario.latency_ms)
-        marks["before"] = _snapshot(self.bench, self.process)
+        marks["before"] = _snapshot(self.bench, self.process, self.db_name)
         if not scenario.hang_for:
             return
         hang_at = scenario.warmup + scenario.hang_before
@@ -241,6 +246,11 @@ class _Phases(threading.Thread):
         return self.marks
 
 
+def _per(seconds: float, payments: int) -> float | None:
+    """CPU milliseconds per payment."""
+    return round(seconds / payments * 1000, 3) if payments else None
+
+
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 1)
 
@@ -252,6 +262,8 @@ def _figures(scenario, app, load: LoadResult, marks, after, poller, prober, stor
     summary = load.summary
     socket_errors = sum(summary.get(f"errors_{k}", 0) for k in ("connect", "read", "write"))
     cpu = after["cpu"] - before["cpu"]
+    db_cpu = sum(c - before["db_cpu"].get(pid, 0.0) for pid, c in after["db_cpu"].items())
+    provider_cpu = after["provider_cpu"] - before["provider_cpu"]
     figures = {
         "app": app,
         "duration_s": round(load.duration, 2),
@@ -272,7 +284,10 @@ def _figures(scenario, app, load: LoadResult, marks, after, poller, prober, stor
         "db_peak_open": poller.peak(load.started, in_use=False),
         "pool_exhausted_errors": after["pool_exhausted"],
         "cpu_s": round(cpu, 2),
-        "cpu_ms_per_payment": round(cpu / paid * 1000, 3) if paid else None,
+        "cpu_ms_per_payment": _per(cpu, paid),
+        "db_cpu_ms_per_payment": _per(db_cpu, paid),
+        "provider_cpu_ms_per_payment": _per(provider_cpu, paid),
+        "system_cpu_ms_per_payment": _per(cpu + db_cpu + provider_cpu, paid),
         "stored_payments": stored,
         "wrk_output": load.wrk_output,
     }
