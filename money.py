@@ -9,7 +9,8 @@ customers get charged the wrong amount.
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+import re
+from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal, DecimalException, Inexact, Rounded
 
 from errors import InvalidPaymentRequest
 
@@ -23,6 +24,13 @@ CURRENCY_EXPONENTS: dict[str, int] = {
     **dict.fromkeys("JPY KRW VND CLP ISK UGX XAF XOF".split(), 0),
     **dict.fromkeys("KWD BHD OMR JOD TND LYD IQD".split(), 3),
 }
+
+
+#: A plain decimal number: ASCII digits only (``Decimal`` alone would also take Arabic-Indic
+#: digits, ``1_000``, ``NaN`` and ``Infinity``).
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+#: Arithmetic that refuses to round: any rounding raises instead of changing the amount.
+_EXACT = Context(prec=64, Emin=MIN_EMIN, Emax=MAX_EMAX, traps=[Inexact, Rounded])
 
 
 def currency_exponent(currency: str) -> int:
@@ -46,16 +54,12 @@ def _as_decimal(amount) -> Decimal:
         return Decimal(repr(amount))
     if isinstance(amount, str):
         text = amount.strip()
-        if not text or len(text) > 64:
+        if len(text) > 64 or not _DECIMAL_TEXT.fullmatch(text):
             raise InvalidPaymentRequest(
-                f"amount must be a decimal number, got {amount[:64]!r}", code="invalid_amount"
+                f"amount must be a decimal number like '25.99', got {amount[:64]!r}",
+                code="invalid_amount",
             )
-        try:
-            return Decimal(text)
-        except InvalidOperation:
-            raise InvalidPaymentRequest(
-                f"amount must be a decimal number, got {amount!r}", code="invalid_amount"
-            ) from None
+        return Decimal(text)
     raise InvalidPaymentRequest(
         f"amount must be int, Decimal, str or float, got {type(amount).__name__}",
         code="invalid_amount",
@@ -81,8 +85,11 @@ def to_minor_units(amount, currency: str, max_amount: int | None = None) -> int:
             f"amount {value} exceeds the maximum of {max_amount} {currency.upper()}",
             code="amount_too_large",
         )
-    minor = value.scaleb(exponent)
-    if minor != minor.to_integral_value():
+    try:
+        minor = value.scaleb(exponent, context=_EXACT)
+    except DecimalException:  # more significant digits than any real amount has
+        minor = None
+    if minor is None or minor != minor.to_integral_value(context=_EXACT):
         raise InvalidPaymentRequest(
             f"amount {value} has more than {exponent} decimal places for {currency.upper()}",
             code="invalid_amount",

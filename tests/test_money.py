@@ -53,6 +53,12 @@ def test_amount_converts_exactly(amount, currency, minor):
         b"10",
         "1,000",
         "9" * 100,
+        "1_000",
+        "\u0661\u0662\u0663",  # Arabic-Indic digits: Decimal would read 123
+        "1E-999999999",  # would underflow to 0 minor units
+        Decimal("1E-999999999"),
+        Decimal("1." + "0" * 80 + "1"),  # would round to 1.00
+        "0x10",
     ],
 )
 def test_bad_usd_amount_is_refused(amount):
