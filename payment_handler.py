@@ -88,7 +88,9 @@ TIMEOUT_MESSAGE = "Payment service connection failed - timeout after %dms"
 TRANSITIONS: dict[str, frozenset[str]] = {
     PENDING: frozenset({SUCCEEDED, FAILED, UNKNOWN}),
     UNKNOWN: frozenset({SUCCEEDED, FAILED, PENDING}),
-    FAILED: frozenset({PENDING}),  # only a failure the provider never saw, re-submitted
+    # Re-submitting a failure the provider never saw; or a charge that landed after a
+    # reconciler had found no trace of it (``not_received``).
+    FAILED: frozenset({PENDING, SUCCEEDED}),
     SUCCEEDED: frozenset(),
 }
 #: ``failed`` payments that the provider certainly never charged: safe to re-submit.
@@ -555,6 +557,8 @@ def _check_text(name: str, value, max_length: int, *, required: bool) -> str | N
         raise InvalidPaymentRequest(
             f"{name} is not valid text (lone surrogate)", code=f"invalid_{name}"
         ) from None
+    if "\x00" in value:  # PostgreSQL text cannot hold NUL
+        raise InvalidPaymentRequest(f"{name} must not contain NUL", code=f"invalid_{name}")
     return value
 
 
@@ -721,9 +725,19 @@ class PaymentService:
                     metadata=request.metadata,
                 )
             except PaymentOutcomeUnknown as exc:
-                raise self._failed(stored, exc, UNKNOWN, "outcome_unknown") from exc
-            except (PaymentDeclined, PaymentServiceUnavailable, PaymentProviderError) as exc:
-                raise self._failed(stored, exc, FAILED, exc.code) from exc
+                log.error(
+                    "payment outcome unknown (%s): %s",
+                    exc.code,
+                    exc.message,
+                    extra={"attempts": len(exc.attempts)},
+                )
+                return self._failed(stored, exc, UNKNOWN, "outcome_unknown")
+            except PaymentDeclined as exc:
+                log.info("payment declined by the provider (%s)", exc.code)
+                return self._failed(stored, exc, FAILED, exc.code)
+            except (PaymentServiceUnavailable, PaymentProviderError) as exc:
+                log.warning("payment not charged (%s): %s", exc.code, exc.message)
+                return self._failed(stored, exc, FAILED, exc.code)
             except BaseException as exc:
                 # A bug or an interrupt after the request may have gone out: the payment
                 # must not stay silently pending; reconciliation asks the provider.
@@ -748,10 +762,21 @@ class PaymentService:
                 provider_charge_id=charge.id,
             )
             metrics.observe_payment("succeeded")
+            if final.status != SUCCEEDED:  # settled otherwise meanwhile; already logged
+                raise PaymentOutcomeUnknown(
+                    "the provider charged this payment but it was settled concurrently as "
+                    f"{final.status}; an operator must check it",
+                    code="settled_concurrently",
+                    payment=PaymentResult.from_stored(final),
+                )
             return PaymentResult.from_stored(final)
 
-    def _failed(self, stored, exc: PaymentError, status: str, outcome: str) -> PaymentError:
-        """Record a failed or unknown outcome and return the error, with the payment."""
+    def _failed(self, stored, exc: PaymentError, status: str, outcome: str) -> PaymentResult:
+        """Record a failed or unknown outcome and raise ``exc`` with the payment attached.
+
+        If a reconciler settled the payment as ``succeeded`` meanwhile, that is the truth
+        and it is returned instead.
+        """
         final = self._store_outcome(
             stored,
             status,
@@ -761,8 +786,11 @@ class PaymentService:
             failure_message=exc.message[:1000] if status == FAILED else None,
         )
         exc.payment = PaymentResult.from_stored(final)
+        if final.status == SUCCEEDED:
+            metrics.observe_payment("succeeded")
+            return exc.payment
         metrics.observe_payment("declined" if isinstance(exc, PaymentDeclined) else outcome)
-        return exc
+        raise exc
 
     def _store_outcome(self, stored, status: str, *, reason: str, **fields) -> store.StoredPayment:
         """Write step 3. A database blip here must not lose a charge that happened."""
@@ -773,7 +801,7 @@ class PaymentService:
                 final = store.transition(
                     stored.id, from_status=PENDING, to_status=status, reason=reason, **fields
                 )
-                return final or store.find_by_id(stored.id)
+                return final or self._lost_race(stored, status, fields)
             except DatabaseUnavailable as exc:
                 if attempt == self.store_retries:
                     log.error(
@@ -793,6 +821,38 @@ class PaymentService:
                 delay *= 2
         raise AssertionError("unreachable")
 
+    def _lost_race(self, stored, status: str, fields: dict) -> store.StoredPayment:
+        """Someone settled the payment while we were charging it: keep the provider's truth.
+
+        The one case that must be corrected is a reconciler that found no charge for the
+        key (``not_received``) while ours was still in flight and then succeeded.
+        """
+        current = store.find_by_id(stored.id)
+        if status == SUCCEEDED and (current.status, current.failure_code) == (
+            FAILED,
+            "not_received",
+        ):
+            log.error(
+                "payment was reconciled as not received while its charge was in flight; "
+                "the provider charged it: recording it as succeeded",
+                extra={"provider_charge_id": fields.get("provider_charge_id")},
+            )
+            check_transition(FAILED, SUCCEEDED)
+            corrected = store.transition(
+                stored.id,
+                from_status=FAILED,
+                to_status=SUCCEEDED,
+                reason="charge_landed_after_reconciliation",
+                only_if_failure_code="not_received",
+                provider_charge_id=fields.get("provider_charge_id"),
+            )
+            return corrected or store.find_by_id(stored.id)
+        if current.status != status:
+            log.warning(
+                "payment was settled as %s while this call found %s", current.status, status
+            )
+        return current
+
     # -- reconciliation ------------------------------------------------------------
 
     def reconcile(
@@ -800,8 +860,13 @@ class PaymentService:
     ) -> ReconcileReport:
         report = ReconcileReport()
         lease = max(60.0, self.settings.payment_deadline * 2)
+        # A pending payment younger than this may still have its charge in flight: the
+        # provider cannot list an unfinished charge, so asking now would say "not received".
+        in_flight = self.settings.payment_deadline + self.settings.db_pool_timeout + 1
         while True:
-            batch = store.claim_for_reconciliation(older_than_seconds, lease, batch_size)
+            batch = store.claim_for_reconciliation(
+                older_than_seconds, max(older_than_seconds, in_flight), lease, batch_size
+            )
             if not batch:
                 return report
             for stored in batch:
@@ -915,8 +980,10 @@ def process_payment(
 def reconcile_payments(older_than_seconds: float = 60) -> ReconcileReport:
     """Settle ``pending``/``unknown`` payments older than the threshold with the provider.
 
-    Safe to run from cron on several hosts at once: payments are leased with
-    ``SKIP LOCKED`` and every settlement is conditional on the status it read.
+    A ``pending`` payment is left alone until its charge cannot be in flight any more
+    (``PAYMENT_DEADLINE`` + ``DB_POOL_TIMEOUT`` + 1 s), whatever the threshold. Safe to
+    run from cron on several hosts at once: payments are leased with ``SKIP LOCKED`` and
+    every settlement is conditional on the status it read.
     """
     if older_than_seconds < 0:
         raise InvalidPaymentRequest("older_than_seconds must not be negative")

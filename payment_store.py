@@ -152,6 +152,7 @@ def transition(
     provider_charge_id: str | None = None,
     failure_code: str | None = None,
     failure_message: str | None = None,
+    only_if_failure_code: str | None = None,
 ) -> StoredPayment | None:
     """Move a payment from ``from_status`` to ``to_status`` and record why, in one commit.
 
@@ -177,7 +178,15 @@ def transition(
             changes["attempts"] = db.payments.c.attempts + len(attempts)
         row = conn.execute(
             db.payments.update()
-            .where(and_(db.payments.c.id == payment_id, db.payments.c.status == from_status))
+            .where(
+                db.payments.c.id == payment_id,
+                db.payments.c.status == from_status,
+                *(
+                    [db.payments.c.failure_code == only_if_failure_code]
+                    if only_if_failure_code
+                    else []
+                ),
+            )
             .values(**changes)
             .returning(*db.payments.c)
         ).first()
@@ -215,9 +224,9 @@ def _attempt_outcome(attempt) -> str:
 
 
 def claim_for_reconciliation(
-    older_than_seconds: float, lease_seconds: float, limit: int
+    older_than_seconds: float, pending_older_than_seconds: float, lease_seconds: float, limit: int
 ) -> list[StoredPayment]:
-    """Lease up to ``limit`` ``pending``/``unknown`` payments not updated for a while.
+    """Lease up to ``limit`` ``unknown`` (and older ``pending``) payments not updated lately.
 
     On PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets reconcilers on several hosts take
     disjoint batches; the lease keeps a payment from being taken again while one of
@@ -225,13 +234,16 @@ def claim_for_reconciliation(
     """
     now = datetime.now(UTC)
     cutoff = now - timedelta(seconds=older_than_seconds)
+    pending_cutoff = now - timedelta(seconds=pending_older_than_seconds)
     p = db.payments.c
     with db.transaction() as conn:
         rows = conn.execute(
             select(p.id)
             .where(
-                p.status.in_((PENDING, UNKNOWN)),
-                p.updated_at < cutoff,
+                or_(
+                    and_(p.status == UNKNOWN, p.updated_at < cutoff),
+                    and_(p.status == PENDING, p.updated_at < pending_cutoff),
+                ),
                 or_(p.reconcile_lease_until.is_(None), p.reconcile_lease_until < now),
             )
             .order_by(p.updated_at)

@@ -345,10 +345,17 @@ def test_reconciliation_from_several_processes_settles_each_payment_once(payment
 
 
 def test_crash_mid_charge_leaves_pending_that_reconciliation_settles(payments, sandbox, pg_url):
-    sandbox.set_faults(latency_ms=1500)
+    payments(payment_deadline=1.0, db_pool_timeout=0.5)
+    sandbox.set_faults(latency_ms=800)
     tx = key()
     script = f"import payment_handler as ph\nph.process_payment('9.99', transaction_id={tx!r})\n"
-    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": pg_url, "PAYMENT_API_URL": sandbox.url}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DATABASE_URL": pg_url,
+        "PAYMENT_API_URL": sandbox.url,
+        "PAYMENT_DEADLINE": "1",
+        "PAYMENT_CONNECT_TIMEOUT": "0.5",
+    }
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env)
     try:
         sandbox.wait_for_state(lambda s: s["requests"].get("POST /v1/charges", 0) >= 1, 15)
@@ -358,12 +365,23 @@ def test_crash_mid_charge_leaves_pending_that_reconciliation_settles(payments, s
     with db.transaction() as conn:
         stored = conn.execute(select(db.payments).where(db.payments.c.transaction_id == tx)).one()
     assert stored.status == "pending"
+    # While its charge may still be in flight, reconciliation leaves it alone ...
+    assert reconcile_payments(older_than_seconds=0).examined == 0
     sandbox.wait_for_state(lambda s: s["charges"] >= 1, 10)  # the provider finished it
-    reconcile_payments(older_than_seconds=0)
+    # ... and settles it to the provider's truth once it cannot be in flight any more.
+    deadline = time.monotonic() + 10
+    while row(stored.id).status == "pending" and time.monotonic() < deadline:
+        reconcile_payments(older_than_seconds=0)
+        time.sleep(0.1)
     settled = row(stored.id)
     (charge,) = ledger_for(sandbox, tx)
     assert settled.status == "succeeded"
     assert (settled.amount_minor, settled.provider_charge_id) == (charge["amount"], charge["id"])
+
+
+def test_nul_in_text_is_refused(payments):
+    with pytest.raises(InvalidPaymentRequest, match="NUL"):
+        process_payment("1.00", "card\x00", key())
 
 
 def test_open_breaker_refuses_new_payments_without_storing_but_replays_known_ones(
@@ -392,3 +410,36 @@ def test_open_breaker_refuses_new_payments_without_storing_but_replays_known_one
 def test_text_that_is_not_unicode_is_refused(payments):
     with pytest.raises(InvalidPaymentRequest, match="description"):
         process_payment("1.00", transaction_id=key(), description="bad \ud800 text")
+
+
+def test_charge_landing_after_a_not_received_verdict_is_recorded_as_succeeded(payments, sandbox):
+    """Defence in depth: if a reconciler wrongly found nothing, the provider's charge wins."""
+    import payment_store
+
+    sandbox.set_faults(latency_ms=600)
+    tx = key()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(process_payment, "5.55", "card", tx)
+        sandbox.wait_for_state(lambda s: s["in_flight"] >= 1, 5)
+        stored = payment_store.find_by_key(tx)
+        payment_store.transition(
+            stored.id,
+            from_status="pending",
+            to_status="failed",
+            reason="reconciled",
+            failure_code="not_received",
+        )
+        result = future.result(10)
+    assert result.status == "succeeded"
+    assert row(stored.id).status == "succeeded"
+    with db.transaction() as conn:
+        reasons = (
+            conn.execute(
+                select(db.payment_events.c.reason)
+                .where(db.payment_events.c.payment_id == stored.id)
+                .order_by(db.payment_events.c.id)
+            )
+            .scalars()
+            .all()
+        )
+    assert reasons == ["created", "reconciled", "charge_landed_after_reconciliation"]
