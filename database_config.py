@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 import weakref
 from collections.abc import Iterator
@@ -215,6 +216,8 @@ def _start_ping(engine: Engine) -> Future:
             with _translate_errors(engine), engine.connect() as connection:
                 connection.execution_options(**{SQLITE_DEFERRED: True})
                 connection.exec_driver_sql("SELECT 1").scalar()
+                connection.rollback()  # end the read transaction before probing for writes
+                _check_writable(connection)
         except BaseException as exc:  # handed to every waiting caller
             result.set_exception(exc)
         else:
@@ -226,6 +229,35 @@ def _start_ping(engine: Engine) -> Future:
 
 _ping_lock = threading.Lock()
 _ping_in_flight: Future | None = None
+
+
+def _check_writable(connection: Connection) -> None:
+    """Raise ``DatabaseUnavailable`` if the store answers but cannot take a payment.
+
+    ``SELECT 1`` succeeds on a PostgreSQL standby and on a read-only SQLite file, where
+    every payment would fail. SQLite: take the write lock without waiting for it (busy
+    means another writer holds it, which proves the file is writable), write the header
+    unchanged inside the transaction, and roll it back.
+    """
+    if connection.dialect.name == "postgresql":
+        if connection.exec_driver_sql("SHOW transaction_read_only").scalar() == "on":
+            raise DatabaseUnavailable("database is read-only (a standby, or read-only mode)")
+        return
+    raw = connection.connection.driver_connection
+    timeout = raw.execute("PRAGMA busy_timeout").fetchone()[0]
+    raw.execute("PRAGMA busy_timeout = 0")
+    try:
+        version = raw.execute("PRAGMA user_version").fetchone()[0]
+        raw.execute("BEGIN IMMEDIATE")
+        try:
+            raw.execute(f"PRAGMA user_version = {int(version)}")  # a write, rolled back
+        finally:
+            raw.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise DatabaseUnavailable(f"SQLite database is not writable: {exc}") from exc
+    finally:
+        raw.execute(f"PRAGMA busy_timeout = {int(timeout)}")
 
 
 # 3. The per-process engine and fork safety ---------------------------------------------

@@ -303,6 +303,43 @@ def test_ping_against_an_unreachable_server_raises(configure):
         db.ping(timeout=2)
 
 
+@pytest.mark.postgres
+def test_ping_refuses_a_read_only_postgres_database(empty_pg_url, configure):
+    name = empty_pg_url.rsplit("/", 1)[1]
+    with temporary_admin(empty_pg_url) as admin:
+        admin.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
+    configure(empty_pg_url)
+    with pytest.raises(DatabaseUnavailable, match="read-only"):
+        db.ping(timeout=2)
+
+
+def test_ping_accepts_a_writable_sqlite_file_and_leaves_no_transaction(sqlite_url, configure):
+    db.run_migrations(sqlite_url)
+    configure(sqlite_url)
+    db.ping(timeout=2)
+    with db.transaction() as conn:  # the probe's write lock and transaction are gone
+        conn.execute(db.payments.insert().values(**payment_row("after-ping")))
+
+
+def test_ping_refuses_a_read_only_sqlite_file(sqlite_url, configure):
+    """``SELECT 1`` still works on a file nobody can write; a payment would not."""
+    import subprocess
+
+    db.run_migrations(sqlite_url)
+    path = sqlite_url.removeprefix("sqlite:///")
+    try:
+        subprocess.run(["chattr", "+i", path], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot make the file immutable here: {exc}")
+    try:
+        configure(sqlite_url)
+        with pytest.raises(DatabaseUnavailable, match="not writable"):
+            db.ping(timeout=2)
+    finally:
+        db.dispose_engine()
+        subprocess.run(["chattr", "-i", path], check=True, capture_output=True)
+
+
 # the per-process engine and fork safety
 
 
