@@ -75,7 +75,9 @@ def on_starting(server):
 
 
 def post_fork(server, worker):
-    """Give the worker its own DB pool, provider session, breaker and log handlers.
+    """Give the worker its own log handlers, DB pool, provider session and breaker.
+
+    Also makes gunicorn's own error answers (unparseable requests) problem+json.
 
     Each of these also resets itself through ``os.register_at_fork``; calling them here
     keeps the worker correct even if someone turns ``preload_app`` on.
@@ -84,11 +86,13 @@ def post_fork(server, worker):
     import database_config
     import logging_setup
     import payment_handler
+    from service import gunicorn_problems
 
+    logging_setup.start_worker_logging(get_settings())  # first: later imports log
     database_config.reset_after_fork()
     connection_pool.reset_session()
     payment_handler.reset_payment_service()
-    logging_setup.start_worker_logging(get_settings())
+    gunicorn_problems.install()
 
 
 def worker_exit(server, worker):
