@@ -198,9 +198,22 @@ class Service:
     def get(self, path: str, timeout: float = 5) -> requests.Response:
         return requests.get(self.url + path, headers=AUTH, timeout=timeout)
 
+    def stderr(self) -> str:
+        """Everything the master and workers logged so far (also after they stopped).
+
+        Read with ``os.pread``: ``GunicornProcess.stderr`` seeks the file it shares with
+        gunicorn to 0 and reads, so a line gunicorn writes meanwhile lands mid-file over
+        older ones (the file offset is shared). pread leaves that offset alone.
+        """
+        spooled = self.gunicorn._stderr  # GunicornProcess keeps it until stop()
+        if spooled is None or spooled.closed:
+            return self.gunicorn.stderr
+        fd = spooled.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+
     def log_records(self) -> list[dict]:
         """Every JSON line the master and workers wrote to stderr."""
-        return parse_log(self.gunicorn.stderr)
+        return parse_log(self.stderr())
 
     def logs_for(self, response: requests.Response) -> list[dict]:
         """The application's records for one request (gunicorn's access line left out)."""
@@ -213,7 +226,7 @@ class Service:
 
     def worker_pids(self) -> list[int]:
         """Pids of every worker booted so far, from gunicorn's own log lines."""
-        booted = re.findall(r"Booting worker with pid: (\d+)", self.gunicorn.stderr)
+        booted = re.findall(r"Booting worker with pid: (\d+)", self.stderr())
         return [int(pid) for pid in booted]
 
     def reconcile(self, older_than: float = 0, timeout: float = 60) -> dict:
@@ -231,6 +244,18 @@ class Service:
         )
         assert completed.returncode in (0, 1), completed.stderr[-2000:]
         return json.loads(completed.stdout.strip().splitlines()[-1])
+
+    def settle(self, timeout: float = 30) -> None:
+        """Reconcile until nothing is ``pending`` or ``unknown`` (a charge still in flight
+        may be left alone by one run), failing after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.reconcile(older_than=0)
+            rows = payment_rows(self.database_url)
+            if not [r for r in rows if r["status"] in ("pending", "unknown")]:
+                return
+            assert time.monotonic() < deadline, "payments left unsettled by reconciliation"
+            time.sleep(0.5)
 
 
 def parse_log(stderr: str) -> list[dict]:

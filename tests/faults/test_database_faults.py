@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
+import requests
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
@@ -110,7 +111,7 @@ def test_sessions_killed_mid_load_lose_no_payment(sandbox, start_service):
     after = [service.pay(new_key(), amount="3.21") for _ in range(10)]
     assert [r.status_code for r in after] == [201] * 10
 
-    service.reconcile(older_than=0)
+    service.settle()
     assert_books_balance(service.database_url, sandbox)
 
 
@@ -146,7 +147,9 @@ def test_store_failing_after_the_charge_keeps_it_pending_until_reconciled(sandbo
     the outcome hits the statement timeout: the client gets 202 with the payment still
     ``pending`` and reconciliation records the charge once the store is back.
     """
-    service = start_service(DB_STATEMENT_TIMEOUT_MS=300, PAYMENT_READ_TIMEOUT=3, PAYMENT_DEADLINE=5)
+    service = start_service(
+        DB_STATEMENT_TIMEOUT_MS=300, PAYMENT_READ_TIMEOUT=2, PAYMENT_DEADLINE=2, DB_POOL_TIMEOUT=1
+    )
     sandbox.set_faults(latency_ms=800)
     key = new_key()
     with ThreadPoolExecutor(1) as pool:
@@ -160,8 +163,7 @@ def test_store_failing_after_the_charge_keeps_it_pending_until_reconciled(sandbo
     assert app_errors(service, "could not record the provider's answer (pending -> succeeded)")
     assert sandbox.state()["charges"] == 1
 
-    report = service.reconcile(older_than=0)
-    assert report["succeeded"] == 1
+    service.settle()  # once its in-flight window is over
     assert payment_by_key(service.database_url, key)["status"] == "succeeded"
     assert_books_balance(service.database_url, sandbox)
 
@@ -247,6 +249,37 @@ def test_read_only_sqlite_fails_payments_cleanly_without_a_crash_loop(
     assert provider_calls(sandbox) == 0
 
 
+def test_sqlite_store_turning_read_only_under_a_worker_costs_one_restart_not_a_loop(
+    sandbox, start_service, sqlite_url
+):
+    """The files become immutable while a worker has them open and mapped.
+
+    SQLite maps its WAL index (``-shm``): the worker's next write to that page is a
+    SIGBUS. gunicorn replaces the worker once; the replacement opens the store read-only
+    and answers 503s from then on, instead of dying again.
+    """
+    url, path = sqlite_url
+    service = start_service(database_url=url)
+    assert service.pay(new_key()).status_code == 201
+    files = sorted(path.parent.iterdir())
+    with immutable(*files, path.parent):
+        answers = []
+        for _ in range(6):
+            try:
+                answers.append(service.pay(new_key(), timeout=10))
+            except requests.ConnectionError as exc:  # the worker died under this request
+                answers.append(exc)
+        health = service.get("/healthz")
+    crashes = [a for a in answers if isinstance(a, requests.ConnectionError)]
+    assert len(crashes) <= 1
+    for answer in answers:
+        if answer not in crashes:
+            assert_store_unavailable(answer)
+    assert health.status_code == 200
+    assert len(service.worker_pids()) <= 2
+    assert service.stderr().count("was sent SIGBUS") == len(crashes)
+
+
 def test_read_only_sqlite_directory_makes_readyz_fail(sandbox, start_service, sqlite_url):
     url, path = sqlite_url
     with immutable(path, path.parent):
@@ -256,13 +289,8 @@ def test_read_only_sqlite_directory_makes_readyz_fail(sandbox, start_service, sq
     assert ready.json()["checks"]["database"] == "unavailable"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: /readyz pings with SELECT 1, which a read-only SQLite file (or a PostgreSQL "
-    "standby) still answers; every payment fails 503 while the instance reports ready",
-)
 def test_read_only_sqlite_file_makes_readyz_fail(sandbox, start_service, sqlite_url):
+    """Was ready: SELECT 1 still works on a read-only file, every payment failed 503."""
     url, path = sqlite_url
     with immutable(path):
         service = start_service(database_url=url)
