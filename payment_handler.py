@@ -19,8 +19,6 @@ so that is never a second charge.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import threading
@@ -59,6 +57,7 @@ from errors import (
 )
 from log_context import bind_log_context
 from money import currency_exponent, to_major_units, to_minor_units
+from payment_request import PaymentRequest, build_request, new_idempotency_key
 from payment_store import FAILED, PENDING, SUCCEEDED, UNKNOWN
 from settings import Settings, get_settings
 
@@ -104,8 +103,6 @@ RESUBMITTABLE_FAILURES = frozenset(
         "not_received",
     }
 )
-MAX_METADATA_BYTES = 8192
-MAX_KEY_LENGTH = 255
 
 
 def check_transition(from_status: str, to_status: str) -> None:
@@ -503,126 +500,6 @@ class PaymentClient:
         what = "no attempt was possible" if last is None else (last.error or f"HTTP {last.status}")
         reason = f", gave up: {exchange.gave_up}" if exchange.gave_up else ""
         return f"{what} after {len(exchange.attempts)} attempt(s){reason}"
-
-
-def new_idempotency_key() -> str:
-    return f"pay-{uuid.uuid4()}"
-
-
-# --------------------------------------------------------------------------- requests
-
-
-@dataclass(frozen=True)
-class PaymentRequest:
-    """A validated payment request: everything checked before anything is stored or sent."""
-
-    amount_minor: int
-    currency: str
-    payment_method: str
-    transaction_id: str
-    idempotency_key: str
-    description: str | None
-    metadata: dict | None
-
-    @property
-    def fingerprint(self) -> str:
-        """What makes two calls with one key the same payment (amount, currency, body)."""
-        canonical = json.dumps(
-            [
-                self.amount_minor,
-                self.currency,
-                self.payment_method,
-                self.transaction_id,
-                self.description,
-                self.metadata,
-            ],
-            sort_keys=True,
-            separators=(",", ":"),
-        )
-        return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _check_text(name: str, value, max_length: int, *, required: bool) -> str | None:
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidPaymentRequest(f"{name} must be a non-empty string", code=f"invalid_{name}")
-    if len(value) > max_length:
-        raise InvalidPaymentRequest(
-            f"{name} must be at most {max_length} characters", code=f"invalid_{name}"
-        )
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidPaymentRequest(
-            f"{name} is not valid text (lone surrogate)", code=f"invalid_{name}"
-        ) from None
-    if "\x00" in value:  # PostgreSQL text cannot hold NUL
-        raise InvalidPaymentRequest(f"{name} must not contain NUL", code=f"invalid_{name}")
-    return value
-
-
-def _check_key(name: str, value) -> str:
-    _check_text(name, value, MAX_KEY_LENGTH, required=True)
-    if not value.isascii() or not value.isprintable():
-        raise InvalidPaymentRequest(
-            f"{name} must be printable ASCII (it is sent as an HTTP header)",
-            code=f"invalid_{name}",
-        )
-    return value
-
-
-def _check_metadata(metadata) -> dict | None:
-    if metadata is None:
-        return None
-    if not isinstance(metadata, Mapping):
-        raise InvalidPaymentRequest("metadata must be an object", code="invalid_metadata")
-    try:
-        encoded = json.dumps(dict(metadata), sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidPaymentRequest(
-            f"metadata must be JSON-serialisable ({exc})", code="invalid_metadata"
-        ) from None
-    if len(encoded.encode()) > MAX_METADATA_BYTES:
-        raise InvalidPaymentRequest(
-            f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON", code="invalid_metadata"
-        )
-    return json.loads(encoded)
-
-
-def build_request(
-    amount,
-    payment_method="card",
-    transaction_id=None,
-    *,
-    currency=None,
-    description=None,
-    metadata=None,
-    idempotency_key=None,
-    settings: Settings | None = None,
-) -> PaymentRequest:
-    """Validate a call of ``process_payment``; ``InvalidPaymentRequest`` names what is wrong."""
-    settings = settings or get_settings()
-    currency = currency if currency is not None else settings.payment_currency
-    if not isinstance(currency, str):
-        raise InvalidPaymentRequest("currency must be a string", code="invalid_currency")
-    currency = currency.strip().upper()
-    amount_minor = to_minor_units(amount, currency, settings.payment_max_amount)
-    _check_text("payment_method", payment_method, 64, required=True)
-    if transaction_id is not None:
-        _check_key("transaction_id", transaction_id)
-    if idempotency_key is not None:
-        _check_key("idempotency_key", idempotency_key)
-    key = idempotency_key or transaction_id or new_idempotency_key()
-    return PaymentRequest(
-        amount_minor=amount_minor,
-        currency=currency,
-        payment_method=payment_method,
-        transaction_id=transaction_id or key,
-        idempotency_key=key,
-        description=_check_text("description", description, 1000, required=False),
-        metadata=_check_metadata(metadata),
-    )
 
 
 # --------------------------------------------------------------------------- service
