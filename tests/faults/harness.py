@@ -28,7 +28,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 import database_config
-from tests.support.gunicorn import GunicornProcess
+from tests.support.gunicorn import SCRUBBED, GunicornProcess
 from tests.support.postgres import SERVER_URL, temporary_database
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -231,7 +231,7 @@ class Service:
 
     def reconcile(self, older_than: float = 0, timeout: float = 60) -> dict:
         """``flask --app wsgi payments reconcile`` in a subprocess with the service's env."""
-        env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR",)}
+        env = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
         env.update(self.env)
         completed = subprocess.run(
             [sys.executable, "-m", "flask", "--app", "wsgi", "payments", "reconcile"]

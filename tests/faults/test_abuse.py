@@ -248,13 +248,13 @@ def test_chunked_one_mebibyte_of_junk_is_413_problem(service):
 
 
 def test_nesting_deeper_than_the_parser_allows_is_400(service):
-    response = post_raw(service, b"[" * 60_000 + b"]" * 60_000)
-    assert response.status_code in (400, 413)
-    assert_no_server_error(response)
-    response = post_raw(
-        service, b'{"amount": "1.00", "metadata": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
-    )
-    assert response.status_code == 400
+    for body in (
+        b"[" * 30_000 + b"]" * 30_000,
+        b'{"amount": "1.00", "metadata": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+    ):
+        response = post_raw(service, body)
+        assert response.status_code == 400
+        assert response.headers["Content-Type"] == "application/problem+json"
 
 
 # --------------------------------------------------------------------------- slow clients

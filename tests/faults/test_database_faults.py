@@ -25,10 +25,12 @@ from tests.faults.harness import (
     new_key,
     payment_by_key,
     provider_calls,
+    query,
     service_backends,
     terminate_service_backends,
     wait_until,
 )
+from tests.support.postgres import SERVER_URL
 
 pytestmark = [pytest.mark.faults, pytest.mark.gunicorn, pytest.mark.postgres]
 
@@ -112,6 +114,30 @@ def test_sessions_killed_mid_load_lose_no_payment(sandbox, start_service):
     assert [r.status_code for r in after] == [201] * 10
 
     service.settle()
+    assert_books_balance(service.database_url, sandbox)
+
+
+def test_database_refusing_connections_is_503_not_ready_and_recovers(sandbox, start_service):
+    """The database stops accepting connections (``ALLOW_CONNECTIONS false`` binds even
+    the superuser the tests connect as) after the service's sessions are cut."""
+    service = start_service()
+    assert service.pay(new_key()).status_code == 201
+    name = service.database_url.rsplit("/", 1)[1]
+    admin = f"{SERVER_URL}/postgres"
+    query(admin, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    try:
+        terminate_service_backends(service.database_url)
+        responses = [service.pay(new_key()) for _ in range(3)]
+        ready, health = service.get("/readyz"), service.get("/healthz")
+    finally:
+        query(admin, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    for response in responses:
+        assert_store_unavailable(response)
+    assert ready.status_code == 503 and health.status_code == 200
+    assert [r for r in app_errors(service, "Database query failed") if "accepting" in r["message"]]
+    assert provider_calls(sandbox) == 1
+
+    assert service.pay(new_key()).status_code == 201
     assert_books_balance(service.database_url, sandbox)
 
 

@@ -40,11 +40,11 @@ TIMEOUT_LINE = (
 class Row:
     """One provider fault and everything the service must do about it.
 
-    ``stored`` is the payment's status (``failed: <failure_code>`` when failed);
-    ``calls`` the charge requests the sandbox received; ``attempts`` the requests our
-    audit trail recorded; ``log`` the application line (level, logger, message start)
-    or ``None`` when only the access line is written; ``settled`` what
-    ``payments reconcile`` makes of an unknown outcome.
+    ``stored`` is the payment's status (``failed: <failure_code>`` when failed; ``not
+    stored`` when refused before a row was written); ``calls`` the charge requests the
+    sandbox received; ``attempts`` the requests our audit trail recorded; ``log`` the
+    application line (level, logger, message start) or ``None`` when only the access
+    line is written; ``settled`` what ``payments reconcile`` makes of an unknown outcome.
     """
 
     fault: str

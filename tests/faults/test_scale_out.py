@@ -10,6 +10,7 @@ ledger has exactly one charge per key and our table matches it row for row.
 from __future__ import annotations
 
 import random
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -96,3 +97,22 @@ def test_two_instances_charge_each_key_exactly_once(breaker, sandbox, start_serv
     assert len(rows) == len({key for key, _ in work}) == 900
     assert sum(r["status"] == "succeeded" for r in rows) >= 850
     assert_books_balance(first.database_url, sandbox)
+
+
+def test_unreachable_redis_falls_back_to_per_worker_breakers(sandbox, start_service):
+    """``REDIS_URL`` set but nothing listening: payments go on, each worker's own breaker
+    takes over, and the fallback is logged once per worker, not once per payment."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    service = start_service(REDIS_URL=f"redis://127.0.0.1:{port}/0", PAYMENT_BREAKER_FAILURES=2)
+    assert [service.pay(new_key()).status_code for _ in range(10)] == [201] * 10
+    sandbox.set_faults(error_rate=1.0, error_status=503)
+    failures = [service.pay(new_key()).json()["code"] for _ in range(3)]
+    assert failures == ["provider_unavailable", "provider_unavailable", "breaker_open"]
+    fallbacks = [
+        r
+        for r in service.log_records()
+        if r["message"].startswith("circuit breaker: Redis unavailable")
+    ]
+    assert len(fallbacks) == 1 and fallbacks[0]["level"] == "WARNING"
