@@ -63,6 +63,7 @@ def _draw_app(app: str, run: dict, outcomes_ax, health_ax) -> None:
                 [s + 0.5 for s in seconds], values, 1.0, bottom=bottom, color=colour, label=label
             )
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    outcomes_ax.set_ylim(0, max(bottom, default=1) * 1.4)  # room for the legend above the bars
     outcomes_ax.set_ylabel("responses / s")
     outcomes_ax.set_title(
         f"{app}: payment outcomes per second  ('connection pool exhausted' logged "
@@ -103,12 +104,12 @@ def _draw_app(app: str, run: dict, outcomes_ax, health_ax) -> None:
         ax.axvline(heal, color="#2e7d32", linewidth=0.8)
     outcomes_ax.text(
         hang,
-        outcomes_ax.get_ylim()[1] * 0.92,
+        outcomes_ax.get_ylim()[1] * 0.8,
         " provider hangs",
         fontsize=8,
         color="#c62828",
         va="top",
     )
     outcomes_ax.text(
-        heal, outcomes_ax.get_ylim()[1] * 0.92, " healed", fontsize=8, color="#2e7d32", va="top"
+        heal, outcomes_ax.get_ylim()[1] * 0.8, " healed", fontsize=8, color="#2e7d32", va="top"
     )
