@@ -25,6 +25,13 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-$(shell cat requirements.txt requirements-bench.txt | sha1sum | cut -c1-12)
+
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	rm -f $(VENV)/.bench-*
+	touch $@
+
+bench: $(BENCH_STAMP)
 	scripts/ensure_services.sh
 	$(PY) -m bench.run
