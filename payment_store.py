@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, bindparam, func, or_, select
+from sqlalchemy import and_, bindparam, func, literal, or_, select
 from sqlalchemy.exc import IntegrityError
 
 import database_config as db
@@ -47,6 +47,50 @@ _SETTLE_IF_CODE = (
     .values(**_SETTLE_VALUES)
     .returning(*db.payments.c)
 )
+
+# On PostgreSQL a change and its event row go in one statement (a data-modifying CTE):
+# one round trip instead of two, and the event can never be left out.
+_EVENT_COLUMNS = ("payment_id", "at", "from_status", "to_status", "reason")
+_PAYMENT_COLUMNS = (
+    "id", "idempotency_key", "transaction_id", "request_fingerprint", "amount_minor",
+    "currency", "payment_method", "description", "metadata_json", "status", "attempts",
+    "created_at", "updated_at",
+)  # fmt: skip
+_created = (
+    db.payments.insert()
+    .values({c: bindparam(c, type_=_p[c].type) for c in _PAYMENT_COLUMNS})
+    .returning(_p.id, _p.created_at)
+    .cte("created")
+)
+_CREATE_WITH_EVENT = db.payment_events.insert().from_select(
+    _EVENT_COLUMNS,
+    select(
+        _created.c.id,
+        _created.c.created_at,
+        literal(None, db.payment_events.c.from_status.type),
+        literal(PENDING),
+        literal("created"),
+    ),
+)
+
+
+def _with_event(settle):
+    settled = settle.cte("settled")
+    logged = db.payment_events.insert().from_select(
+        _EVENT_COLUMNS,
+        select(
+            settled.c.id,
+            settled.c.updated_at,
+            bindparam("from_status"),
+            settled.c.status,
+            bindparam("reason"),
+        ),
+    )
+    return select(settled).add_cte(logged.cte("logged"))
+
+
+_SETTLE_WITH_EVENT = _with_event(_SETTLE)
+_SETTLE_IF_CODE_WITH_EVENT = _with_event(_SETTLE_IF_CODE)
 _COUNT_ATTEMPTS = (
     db.payments.update()
     .where(_p.id == bindparam("payment_id"))
@@ -146,8 +190,11 @@ def insert_pending(
     )
     try:
         with db.transaction() as conn:
-            conn.execute(_INSERT_PAYMENT, values)
-            _event(conn, payment_id, None, PENDING, "created")
+            if conn.dialect.name == "postgresql":
+                conn.execute(_CREATE_WITH_EVENT, values)
+            else:
+                conn.execute(_INSERT_PAYMENT, values)
+                _event(conn, payment_id, None, PENDING, "created")
     except IntegrityError:
         if find_by_key(idempotency_key) is None:
             raise  # some other constraint: a bug, not a race
@@ -205,19 +252,24 @@ def transition(
         charge_id=provider_charge_id,
         charge_attempts=charge_attempts,
         expected_failure_code=only_if_failure_code,
+        reason=reason[:255],
     )
     with db.transaction() as conn:
         if attempts:
             conn.execute(
                 _INSERT_ATTEMPTS, [_attempt_values(payment_id, attempt_kind, a) for a in attempts]
             )
-        settle = _SETTLE_IF_CODE if only_if_failure_code else _SETTLE
-        row = conn.execute(settle, params).first()
+        if conn.dialect.name == "postgresql":
+            settle = _SETTLE_IF_CODE_WITH_EVENT if only_if_failure_code else _SETTLE_WITH_EVENT
+            row = conn.execute(settle, params).first()
+        else:
+            row = conn.execute(_SETTLE_IF_CODE if only_if_failure_code else _SETTLE, params).first()
+            if row is not None:
+                _event(conn, payment_id, from_status, to_status, reason)
         if row is None:
             if charge_attempts:
                 conn.execute(_COUNT_ATTEMPTS, params)
             return None
-        _event(conn, payment_id, from_status, to_status, reason)
     return _from_row(row)
 
 
