@@ -304,7 +304,7 @@ class PaymentClient:
         finally:
             self.bulkhead.leave(slot)
         try:
-            charge = self._charge_from(exchange)
+            charge = self._charge_from(exchange, body)
         except (PaymentServiceUnavailable, PaymentOutcomeUnknown) as exc:
             if exc.code != "outbound_pool_busy":
                 self.breaker.record_failure()
@@ -395,13 +395,13 @@ class PaymentClient:
 
     # -- translation: the one place provider answers become errors ---------------
 
-    def _charge_from(self, exchange: Exchange) -> ProviderCharge:
+    def _charge_from(self, exchange: Exchange, sent: dict) -> ProviderCharge:
         response, attempts = exchange.response, exchange.attempts
         if response is None:
             raise self._transport_error(exchange)
         status = response.status_code
         if status in (200, 201):
-            return self._parse_charge(response, exchange)
+            return self._parse_charge(response, exchange, sent)
         if status == 402:
             error = _error_body(response)
             raise PaymentDeclined(
@@ -423,7 +423,9 @@ class PaymentClient:
             )
         self._reject(response, exchange)
 
-    def _parse_charge(self, response: requests.Response, exchange: Exchange) -> ProviderCharge:
+    def _parse_charge(
+        self, response: requests.Response, exchange: Exchange, sent: dict
+    ) -> ProviderCharge:
         try:
             if "json" not in response.headers.get("Content-Type", ""):
                 raise ValueError(f"content type {response.headers.get('Content-Type')!r}")
@@ -440,6 +442,22 @@ class PaymentClient:
             raise PaymentDeclined(
                 body.get("failure_message") or "the provider failed the charge",
                 code=str(body.get("failure_code") or "charge_failed")[:64],
+                attempts=exchange.attempts,
+            )
+        charged = (body.get("amount", sent["amount"]), body.get("currency", sent["currency"]))
+        if charged != (sent["amount"], sent["currency"]):
+            log.critical(
+                "provider charged %s %s for a charge of %s %s",
+                charged[0],
+                charged[1],
+                sent["amount"],
+                sent["currency"],
+                extra={"provider_charge_id": charge_id},
+            )
+            raise PaymentOutcomeUnknown(
+                f"provider answered with charge {charge_id} for {charged[0]} {charged[1]}, "
+                f"not the {sent['amount']} {sent['currency']} we sent; an operator must check it",
+                code="provider_amount_mismatch",
                 attempts=exchange.attempts,
             )
         if status not in ("succeeded", "pending"):

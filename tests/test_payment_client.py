@@ -137,7 +137,7 @@ def test_retry_after_is_honoured(settings, mocked):
     mocked.post(URL, status=429, headers={"Retry-After": "1"})
     mocked.post(URL, json=CHARGE, status=201)
     started = time.monotonic()
-    client.charge("1.00", idempotency_key="k")
+    client.charge("25.99", idempotency_key="k")
     assert 0.9 <= time.monotonic() - started < 3.0
     assert len(posts(mocked)) == 2
 
@@ -290,7 +290,7 @@ def test_breaker_opens_after_failures_and_lets_a_trial_through(settings, mocked)
 
     clock.now += 30
     mocked.replace(responses.POST, URL, json=CHARGE, status=201)
-    assert client.charge("1.00").status == "succeeded"  # the trial call
+    assert client.charge("25.99").status == "succeeded"  # the trial call
     assert breaker.state == "closed"
 
 
@@ -307,3 +307,11 @@ def test_lookup_by_key(client, mocked):
     charges, attempts = client.find_charges("key-9")
     assert charges == [CHARGE] and len(attempts) == 1
     assert mocked.calls[0].request.params == {"idempotency_key": "key-9"}
+
+
+def test_a_charge_for_another_amount_is_not_taken_as_success(client, mocked, caplog):
+    mocked.post(URL, json={**CHARGE, "amount": 2600}, status=201)
+    with pytest.raises(PaymentOutcomeUnknown) as info:
+        client.charge("25.99", idempotency_key="k")
+    assert info.value.code == "provider_amount_mismatch"
+    assert any(r.levelname == "CRITICAL" for r in caplog.records)

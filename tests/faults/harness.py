@@ -199,17 +199,8 @@ class Service:
         return requests.get(self.url + path, headers=AUTH, timeout=timeout)
 
     def stderr(self) -> str:
-        """Everything the master and workers logged so far (also after they stopped).
-
-        Read with ``os.pread``: ``GunicornProcess.stderr`` seeks the file it shares with
-        gunicorn to 0 and reads, so a line gunicorn writes meanwhile lands mid-file over
-        older ones (the file offset is shared). pread leaves that offset alone.
-        """
-        spooled = self.gunicorn._stderr  # GunicornProcess keeps it until stop()
-        if spooled is None or spooled.closed:
-            return self.gunicorn.stderr
-        fd = spooled.fileno()
-        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+        """Everything the master and workers logged so far (also after they stopped)."""
+        return self.gunicorn.stderr
 
     def log_records(self) -> list[dict]:
         """Every JSON line the master and workers wrote to stderr."""

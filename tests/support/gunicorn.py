@@ -132,5 +132,7 @@ class GunicornProcess:
         """Everything logged so far (master, workers, access log), also after ``stop``."""
         if self._final_stderr is not None:
             return self._final_stderr
-        self._stderr.seek(0)
-        return self._stderr.read().decode(errors="replace")
+        # pread, not seek+read: the file offset is shared with gunicorn, which would then
+        # write its next lines over older ones.
+        fd = self._stderr.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
