@@ -72,6 +72,23 @@ class CircuitBreaker:
                 return OPEN
             return HALF_OPEN
 
+    def refusal(self) -> PaymentServiceUnavailable | None:
+        """The error ``before_call`` would raise now, without taking the trial slot.
+
+        Open, or half-open with another call making the trial: refused.
+        """
+        with self._lock:
+            if self._opened_at is None:
+                return None
+            now = self._clock()
+            waited = now - self._opened_at
+            if waited < self.reset_timeout:
+                return _open_error(self.reset_timeout - waited)
+            trial = self._trial_started_at
+            if trial is not None and now - trial < self.reset_timeout:
+                return _open_error(1.0)
+            return None
+
     def before_call(self) -> None:
         """Raise ``PaymentServiceUnavailable`` unless a call may go to the provider now."""
         with self._lock:
@@ -168,6 +185,24 @@ class RedisCircuitBreaker:
         if open_until is None:
             return CLOSED
         return OPEN if self._clock() < float(open_until) else HALF_OPEN
+
+    def refusal(self) -> PaymentServiceUnavailable | None:
+        if not self._use_redis():
+            return self._fallback.refusal()
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.get(self._keys["open_until"])
+            pipe.exists(self._keys["trial"])
+            open_until, trial = pipe.execute()
+        except Exception as exc:
+            self._redis_down(exc)
+            return self._fallback.refusal()
+        if open_until is None:
+            return None
+        remaining = float(open_until) - self._clock()
+        if remaining > 0:
+            return _open_error(remaining)
+        return _open_error(1.0) if trial else None
 
     def before_call(self) -> None:
         if not self._use_redis():

@@ -33,7 +33,7 @@ import requests
 
 import metrics
 import payment_store as store
-from circuit_breaker import OPEN, build_breaker
+from circuit_breaker import build_breaker
 from connection_pool import (
     POOL_BUSY,
     TLS,
@@ -319,10 +319,12 @@ class PaymentClient:
         """Raise ``PaymentServiceUnavailable`` now if a charge would be refused anyway.
 
         Lets ``process_payment`` fail fast without writing a row while the breaker is
-        open or every outbound connection is stuck; takes no trial slot and no connection.
+        open (or its half-open trial is in flight) or every outbound connection is stuck;
+        takes no trial slot and no connection.
         """
-        if self.breaker.state == OPEN:
-            self.breaker.before_call()  # raises with the remaining retry_after
+        refused = self.breaker.refusal()
+        if refused is not None:
+            raise refused
         if self.bulkhead.is_saturated():
             raise self._pool_busy([])
 

@@ -76,6 +76,20 @@ def test_half_open_lets_exactly_one_trial_through():
     breaker.before_call()
 
 
+def test_refusal_reports_without_taking_the_trial():
+    clock = Clock()
+    breaker = CircuitBreaker(1, 10, clock=clock)
+    assert breaker.refusal() is None
+    fail_times(breaker, 1)
+    assert breaker.refusal().retry_after == pytest.approx(10)
+    clock.now += 10
+    assert breaker.refusal() is None  # half-open, trial slot free ...
+    breaker.before_call()  # ... still free for the real call
+    assert breaker.refusal() is not None  # trial in flight: everyone else is refused
+    breaker.record_success()
+    assert breaker.refusal() is None
+
+
 def test_failed_trial_opens_again_for_a_full_period():
     clock = Clock()
     breaker = CircuitBreaker(1, 10, clock=clock)
@@ -149,7 +163,9 @@ def test_redis_state_is_shared_between_breakers(redis_client, prefix):
     deadline = time.monotonic() + 3
     while worker_a.state == "open" and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert worker_b.refusal() is None
     worker_a.before_call()  # the one trial
+    assert worker_b.refusal() is not None
     with pytest.raises(PaymentServiceUnavailable):
         worker_b.before_call()
     worker_a.record_success()
