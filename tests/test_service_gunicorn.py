@@ -14,7 +14,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import redis
 import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
@@ -22,6 +21,7 @@ from sqlalchemy.pool import NullPool
 import database_config
 from tests.support.gunicorn import GunicornError, GunicornProcess
 from tests.support.postgres import temporary_database
+from tests.support.redis_breaker import BREAKER_OPEN_KEY, breaker_redis
 from tests.support.sandbox import SandboxProcess
 
 pytestmark = [pytest.mark.gunicorn, pytest.mark.postgres]
@@ -29,8 +29,6 @@ pytestmark = [pytest.mark.gunicorn, pytest.mark.postgres]
 API_KEY = "gunicorn-test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 REDIS_DB_URL = "redis://127.0.0.1:6379/11"  # an index of its own: the breaker keys are fixed
-BREAKER_KEYS = "payments:breaker:*"
-BREAKER_OPEN_KEY = "payments:breaker:open_until"
 EXHAUSTED = "connection pool exhausted"
 CHECKED_OUT = 'db_pool_connections{state="checked_out"}'
 
@@ -153,20 +151,8 @@ class HealthProbe:
 @pytest.fixture
 def redis_breaker_db():
     """A Redis index of its own for the shared breaker, without its keys before and after."""
-    client = redis.Redis.from_url(REDIS_DB_URL, socket_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError:
-        pytest.skip("Redis is not running on 127.0.0.1:6379")
-
-    def clear():
-        for key in client.scan_iter(BREAKER_KEYS):
-            client.delete(key)
-
-    clear()
-    yield client
-    clear()
-    client.close()
+    with breaker_redis(REDIS_DB_URL) as client:
+        yield client
 
 
 def wait_for_metric(url: str, prefix: str, value: float, timeout: float) -> float | None:

@@ -15,9 +15,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import redis
 
 from tests.faults.harness import assert_books_balance, new_key, payment_rows
+from tests.support.redis_breaker import breaker_redis
 
 pytestmark = [pytest.mark.faults, pytest.mark.gunicorn, pytest.mark.postgres, pytest.mark.slow]
 
@@ -26,25 +26,12 @@ DUPLICATES = PAYMENTS // 10
 CLIENTS = 16
 TIME_BOUND_S = 120
 REDIS_URL = "redis://127.0.0.1:6379/12"  # an index of its own: the breaker keys are fixed
-BREAKER_KEYS = "payments:breaker:*"
 
 
 @pytest.fixture
 def shared_breaker():
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError:
-        pytest.skip("Redis is not running on 127.0.0.1:6379")
-
-    def clear():
-        for key in client.scan_iter(BREAKER_KEYS):
-            client.delete(key)
-
-    clear()
-    yield client
-    clear()
-    client.close()
+    with breaker_redis(REDIS_URL) as client:
+        yield client
 
 
 def workload(rng: random.Random) -> list[tuple[str, str]]:
