@@ -18,6 +18,9 @@ from settings import ConfigError, get_settings
 MAX_CONTENT_LENGTH = 64 * 1024
 #: Seconds ``/readyz`` waits for the database before reporting it down.
 READINESS_DB_TIMEOUT = 1.0
+#: Seconds a client may stall while sending a request body before it gets 408: a gthread
+#: worker gives each request a thread, and stalled uploads must not hold them all.
+BODY_READ_TIMEOUT = 2.0
 
 
 def create_app(test_config=None) -> Flask:
@@ -28,6 +31,7 @@ def create_app(test_config=None) -> Flask:
         MAX_CONTENT_LENGTH=MAX_CONTENT_LENGTH,
         API_KEYS=settings.api_keys,
         READINESS_DB_TIMEOUT=READINESS_DB_TIMEOUT,
+        BODY_READ_TIMEOUT=BODY_READ_TIMEOUT,
         PROBLEM_TYPE_BASE=problems.DEFAULT_TYPE_BASE,
     )
     if test_config is not None:

@@ -13,8 +13,10 @@ from decimal import Decimal
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import (
     BadRequest,
+    ClientDisconnected,
     NotFound,
     RequestEntityTooLarge,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 
@@ -99,16 +101,29 @@ def read_payment_request() -> dict:
 
 
 def _read_body() -> bytes:
-    """The request body, or 413 when it is over ``MAX_CONTENT_LENGTH``.
+    """The request body: 413 when it is over ``MAX_CONTENT_LENGTH``, 408 when it stalls.
 
     werkzeug answers 413 for a declared Content-Length over the limit, but a chunked body
     (no Content-Length) is only cut at the limit, silently: a valid JSON prefix padded
     past 64 KiB would be charged. So a chunked body is read up to one byte past the limit.
+    A client that stops sending mid-body would hold this worker thread for as long as it
+    keeps the connection open; the socket gets a read timeout for the body instead.
     """
-    if request.content_length is not None:
-        return request.get_data(cache=False)
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
-    raw = request.environ["wsgi.input"].read(limit + 1)
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:  # gunicorn makes it blocking again for the next request
+        sock.settimeout(current_app.config["BODY_READ_TIMEOUT"])
+    try:
+        if request.content_length is not None:
+            return request.get_data(cache=False)
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        raw = request.environ["wsgi.input"].read(limit + 1)
+    except (OSError, ClientDisconnected) as exc:
+        # werkzeug reports a timed-out read as a disconnect; the socket says which it was
+        if not isinstance(exc, TimeoutError) and not isinstance(exc.__context__, TimeoutError):
+            raise
+        raise RequestTimeout(
+            f"The request body did not arrive within {current_app.config['BODY_READ_TIMEOUT']}s."
+        ) from None
     if len(raw) > limit:
         raise RequestEntityTooLarge()
     return raw
