@@ -2,7 +2,7 @@
 
 Liveness checks nothing but that a thread answers: restarting a pod because the
 database or the provider is down only adds a cold start to the outage. Readiness fails
-only when the database is unreachable, since then no request can be served. An open
+only when the database is unreachable or read-only, since then no payment can be taken. An open
 provider breaker is reported but keeps the pod ready: every pod sees the same provider,
 so taking them all out of the load balancer would turn fast 503s into connection errors.
 """
@@ -38,7 +38,7 @@ def readyz():
         checks["database"] = "unavailable"
         return problem(
             503,
-            "The payment store is unreachable.",
+            "The payment store is unreachable or cannot take writes.",
             title="Not ready",
             code="database_unavailable",
             headers={"Retry-After": "1"},
