@@ -443,3 +443,34 @@ def test_charge_landing_after_a_not_received_verdict_is_recorded_as_succeeded(pa
             .all()
         )
     assert reasons == ["created", "reconciled", "charge_landed_after_reconciliation"]
+
+
+def test_half_open_breaker_refuses_others_before_storing_while_its_trial_is_out(payments, sandbox):
+    import payment_handler
+    import payment_store
+
+    payments(
+        payment_read_timeout=1.0,
+        payment_deadline=1.2,
+        payment_max_retries=0,
+        payment_breaker_failures=1,
+        payment_breaker_reset=0.3,
+    )
+    sandbox.set_faults(hang=True)
+    with pytest.raises(PaymentOutcomeUnknown):
+        process_payment("1.00", transaction_id=key())  # the failure that opens it
+    breaker = payment_handler.get_payment_service().client.breaker
+    deadline = time.monotonic() + 3
+    while breaker.state != "half_open" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with ThreadPoolExecutor(1) as pool:
+        trial = pool.submit(process_payment, "1.00", "card", key())
+        sandbox.wait_for_state(lambda s: s["hung"] >= 2, 3)  # the trial is out
+        assert breaker.refusal() is not None
+        refused_key = key()
+        with pytest.raises(PaymentServiceUnavailable) as info:
+            process_payment("1.00", transaction_id=refused_key)
+        assert info.value.code == "breaker_open"
+        assert payment_store.find_by_key(refused_key) is None  # nothing stored
+        with pytest.raises(PaymentOutcomeUnknown):
+            trial.result(5)
