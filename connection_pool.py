@@ -71,6 +71,8 @@ class BoundedPoolAdapter(HTTPAdapter):
         ``urllib3.exceptions.EmptyPoolError``.
     """
 
+    __attrs__ = [*HTTPAdapter.__attrs__, "_pool_timeout"]  # kept when pickled
+
     def __init__(self, pool_maxsize: int, pool_timeout: float):
         self._pool_timeout = pool_timeout
         # max_retries: urllib3 never retries on its own; send_with_retries decides.
@@ -87,10 +89,6 @@ class BoundedPoolAdapter(HTTPAdapter):
             "http": _bounded_pool_class(HTTPConnectionPool, self._pool_timeout),
             "https": _bounded_pool_class(HTTPSConnectionPool, self._pool_timeout),
         }
-
-    def __setstate__(self, state):  # pragma: no cover - requests pickles adapters rarely
-        self._pool_timeout = state.pop("_pool_timeout", 0.25)
-        super().__setstate__(state)
 
 
 def build_session(settings: Settings) -> requests.Session:
