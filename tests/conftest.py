@@ -82,3 +82,11 @@ def unused_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def fake_clock():
+    """A monotonic clock that moves only when the test (or an injected sleep) moves it."""
+    from tests.support.clock import FakeClock
+
+    return FakeClock()

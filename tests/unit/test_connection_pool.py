@@ -102,16 +102,8 @@ def test_session_mounts_a_blocking_bounded_pool(make_settings):
     assert session.verify is True and session.trust_env is False
 
 
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-
-def test_bulkhead_waits_while_calls_are_young_and_refuses_when_all_are_stuck():
-    clock = Clock()
+def test_bulkhead_waits_while_calls_are_young_and_refuses_when_all_are_stuck(fake_clock):
+    clock = fake_clock
     bulkhead = Bulkhead(size=2, patience=0.25, clock=clock)
     holders = [bulkhead.enter(), bulkhead.enter()]
     waiter = bulkhead.enter()  # a third caller: the pool makes it wait for a connection

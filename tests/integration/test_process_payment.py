@@ -29,7 +29,7 @@ from log_context import current_log_context
 from payment_handler import process_payment, reconcile_payments
 
 pytestmark = pytest.mark.postgres
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from service import create_app
 from settings import ConfigError, Settings
 from tests.support.sandbox import SandboxProcess
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OPENAPI = json.loads((ROOT / "service" / "openapi.json").read_text())
 KEYS = ("key-one-0123456789abcdef", "key-two-0123456789abcdef", "key-three-0123456789abcd")
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}

@@ -35,7 +35,7 @@ from redaction import REDACTED
 from settings import Settings
 from tests.support.moto import MotoServer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROVIDER_KEY = "sk_live_provider_0123456789"
 INBOUND_KEY = "inbound-key-abcdefghijklmnop"
 BEARER_TOKEN = "tok_bearer_secret_42"
