@@ -45,7 +45,7 @@ timeout = max(30, math.ceil(_settings.payment_deadline) + 15)
 max_requests = 10_000
 max_requests_jitter = 1_000
 
-logger_class = "logging_setup.GunicornJsonLogger"
+logger_class = "gunicorn_logging.GunicornJsonLogger"
 accesslog = "-"
 # gunicorn's default plus the duration and the request id the app echoed, which joins an
 # access line to the app's log lines for the same request.
@@ -103,13 +103,24 @@ def worker_exit(server, worker):
 
 
 def child_exit(server, worker):
-    """In the master, after any worker exit (including SIGKILL): drop its live gauges.
+    """In the master, after any worker exit (including SIGKILL): retire its metric files.
 
-    Done here rather than in ``worker_exit``, which a killed worker never runs.
+    Its live gauges are dropped; its counters and histograms are added to the archives
+    (``metrics_archive``), so recycled workers leave no files behind. Done here rather
+    than in ``worker_exit``, which a killed worker never runs. An error is logged, not
+    raised: it would stop the master's loop, and the worker's files still count as they
+    are.
     """
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)
+    import metrics_archive
+
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]  # set or made by on_starting
+    multiprocess.mark_process_dead(worker.pid, path)
+    try:
+        metrics_archive.archive_dead_worker(path, worker.pid)
+    except Exception:
+        server.log.exception("could not archive the metric files of worker %s", worker.pid)
 
 
 def on_exit(server):

@@ -1,7 +1,8 @@
 """Per-request and per-payment fields carried into every log record.
 
 A ``contextvars`` mapping, so each thread (and each request) sees only its own ids.
-``logging_setup`` copies the bound fields onto every record; code binds them with::
+``log_format.ContextFilter`` (installed by ``logging_setup``) copies the bound fields
+onto every record; code binds them with::
 
     with bind_log_context(payment_id=payment.id, transaction_id=key):
         ...

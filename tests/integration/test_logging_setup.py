@@ -1,7 +1,9 @@
 """The logging set-up against a real moto server process reached over HTTP.
 
 CloudWatch is found the way production finds it: boto3 reads the region, credentials
-and ``AWS_ENDPOINT_URL_CLOUDWATCH_LOGS`` from the environment.
+and ``AWS_ENDPOINT_URL_CLOUDWATCH_LOGS`` from the environment. Also here: forked workers
+and a real gunicorn with ``GunicornJsonLogger``. The JSON format and the CloudWatch
+handler's own logic are tested without processes or sockets in ``tests/unit``.
 """
 
 from __future__ import annotations
@@ -23,14 +25,9 @@ from pathlib import Path
 import boto3
 import pytest
 
+from cloudwatch_logging import CloudWatchHandler
 from log_context import bind_log_context
-from logging_setup import (
-    CloudWatchHandler,
-    JsonFormatter,
-    configure_logging,
-    shutdown_logging,
-    start_worker_logging,
-)
+from logging_setup import configure_logging, shutdown_logging, start_worker_logging
 from redaction import REDACTED
 from settings import Settings
 from tests.support.moto import MotoServer
@@ -181,60 +178,6 @@ def wait_for(condition, timeout: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-def test_json_formatter_writes_one_object_per_record():
-    record = logging.getLogger("payment_handler").makeRecord(
-        "payment_handler",
-        logging.ERROR,
-        __file__,
-        1,
-        "Payment service connection failed - timeout after %dms",
-        (5000,),
-        None,
-        extra={"request_id": "req-1", "attempt": 3},
-    )
-    line = JsonFormatter().format(record)
-    entry = json.loads(line)
-
-    assert "\n" not in line
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"])
-    assert entry["level"] == "ERROR"
-    assert entry["logger"] == "payment_handler"
-    assert entry["message"] == PAYMENT_TIMEOUT_TEXT
-    assert entry["request_id"] == "req-1"
-    assert entry["attempt"] == 3
-    assert entry["process"] == os.getpid()
-    assert entry["thread"] == threading.get_ident()
-    assert "payment_id" not in entry and "exc_type" not in entry
-
-
-def test_json_formatter_adds_the_exception():
-    try:
-        raise ConnectionError("HTTPSConnectionPool timeout")
-    except ConnectionError:
-        record = logging.getLogger("x").makeRecord(
-            "x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
-        )
-    entry = json.loads(JsonFormatter().format(record))
-    assert entry["exc_type"] == "ConnectionError"
-    assert entry["exc_message"] == "HTTPSConnectionPool timeout"
-    assert entry["traceback"].startswith("Traceback (most recent call last):")
-    assert entry["traceback"].endswith("ConnectionError: HTTPSConnectionPool timeout")
-
-
-def test_stderr_lines_carry_the_log_context(capsys):
-    configure_logging(_settings(), cloudwatch=False)
-    with bind_log_context(request_id="req-7", payment_id="pay_7", transaction_id="txn-7"):
-        logging.getLogger("database_config").error(POOL_EXHAUSTED_TEXT)
-
-    (entry,) = json_lines(capsys.readouterr().err)
-    assert entry["message"] == POOL_EXHAUSTED_TEXT
-    assert (entry["request_id"], entry["payment_id"], entry["transaction_id"]) == (
-        "req-7",
-        "pay_7",
-        "txn-7",
-    )
 
 
 def test_configure_logging_is_idempotent(cloudwatch, capsys):
@@ -401,7 +344,7 @@ def test_records_queued_during_an_outage_arrive_when_cloudwatch_recovers(
         (events,) = read_events(client, settings.cloudwatch_log_group).values()
 
     assert [e["message"] for e in events] == ["during the outage", "after the recovery"]
-    status = [e for e in json_lines(capsys.readouterr().err) if e["logger"] == "logging_setup"]
+    status = [e for e in json_lines(capsys.readouterr().err) if e["logger"] == "cloudwatch_logging"]
     assert [e["level"] for e in status] == ["WARNING", "INFO"]
     assert status[1]["message"].startswith("CloudWatch log delivery recovered")
 
@@ -472,7 +415,7 @@ from settings import get_settings
 bind = "127.0.0.1:0"
 workers = 2
 preload_app = True  # the app configures logging at import, in the master
-logger_class = "logging_setup.GunicornJsonLogger"
+logger_class = "gunicorn_logging.GunicornJsonLogger"
 accesslog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s "%({authorization}i)s"'
 

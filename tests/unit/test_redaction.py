@@ -8,7 +8,14 @@ import time
 
 import pytest
 
-from redaction import REDACTED, RedactingFilter, Redactor, is_sensitive_key, luhn_valid
+from redaction import (
+    REDACTED,
+    RedactingFilter,
+    Redactor,
+    is_sensitive_key,
+    luhn_valid,
+    mask_card_numbers,
+)
 
 PROVIDER_KEY = "sk_live_provider_0123456789"
 INBOUND_KEY = "inbound-key-abcdefghijklmnop"
@@ -69,6 +76,113 @@ def test_luhn_check(digits, valid):
 )
 def test_text(redactor, text, expected):
     assert redactor.text(text) == expected
+
+
+# Between the digit groups of a card number: each of these, alone or in a short run.
+SEPARATORS = {
+    "space": " ",
+    "dash": "-",
+    "percent-encoded space": "%20",
+    "plus": "+",
+    "dot": ".",
+    "no-break space": "\u00a0",
+    "underscore": "_",
+    "two spaces": "  ",
+    "three spaces": "   ",
+    "padded dash": " - ",
+    "percent-encoded dash": "%2D",
+    "percent-encoded dash, lower case": "%2d",
+    "percent-encoded dot": "%2E",
+    "percent-encoded underscore": "%5F",
+    "percent-encoded plus": "%2B",
+    "percent-encoded no-break space (UTF-8)": "%C2%A0",
+    "percent-encoded no-break space (Latin-1)": "%A0",
+    "two percent-encoded spaces": "%20%20",
+    "two no-break spaces": "\u00a0\u00a0",
+}
+
+
+@pytest.mark.parametrize("separator", SEPARATORS.values(), ids=SEPARATORS.keys())
+@pytest.mark.parametrize("groups", [("4111", "1111", "1111", "1111"), ("3782", "822463", "10005")])
+def test_card_number_is_redacted_whatever_separates_its_groups(redactor, separator, groups):
+    text = f"card {separator.join(groups)} declined"
+    assert redactor.text(text) == f"card {REDACTED} declined"
+    assert mask_card_numbers(text) == f"card {REDACTED} declined"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            "GET /v1/payments/4111%201111%201111%201111 HTTP/1.1",
+            f"GET /v1/payments/{REDACTED} HTTP/1.1",
+        ),
+        (
+            "GET /v1/payments/4111+1111+1111+1111 HTTP/1.1",
+            f"GET /v1/payments/{REDACTED} HTTP/1.1",
+        ),
+        (
+            "GET /v1/payments?q=card+4111+1111+1111+1111&order=1234567812345678 HTTP/1.1",
+            f"GET /v1/payments?q=card+{REDACTED}&order=1234567812345678 HTTP/1.1",
+        ),
+        (
+            "GET /v1/payments?q=card%204111%2D1111%2D1111%2D1111&page=2 HTTP/1.1",
+            f"GET /v1/payments?q=card%20{REDACTED}&page=2 HTTP/1.1",
+        ),
+        (  # the whole access line: its "+0000" and the rest are kept as they are
+            '127.0.0.1 - - [15/Jan/2024:12:00:05 +0000] "GET /v1/payments/4111%201111%20'
+            '1111%201111 HTTP/1.1" 404 73 "-" "python-requests/2.31.0" 12ms request_id=r-1',
+            f'127.0.0.1 - - [15/Jan/2024:12:00:05 +0000] "GET /v1/payments/{REDACTED}'
+            ' HTTP/1.1" 404 73 "-" "python-requests/2.31.0" 12ms request_id=r-1',
+        ),
+    ],
+)
+def test_card_number_in_a_url_encoded_request_line_is_redacted(redactor, line, expected):
+    assert redactor.text(line) == expected
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "GET /v1/payments/%34%31%31%31%31%31%31%31%31%31%31%31%31%31%31%31 HTTP/1.1",
+        "GET /v1/payments/4111%25201111%25201111%25201111 HTTP/1.1",  # encoded twice
+    ],
+)
+def test_card_number_visible_only_once_decoded_is_logged_decoded_and_redacted(redactor, line):
+    assert redactor.text(line) == f"GET /v1/payments/{REDACTED} HTTP/1.1"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "at 1705320005.123458",  # epoch seconds with microseconds; its digits pass Luhn
+        "batch_20240115_104_00042",  # an id of parts; its digits pass Luhn
+        "refunds 1008.00 2500.00 3500.00",  # amounts; their digits pass Luhn
+        "order 1234567812345678",  # 16 digits failing Luhn
+        "on 2024-01-15T12:00:05.123456+00:00",
+        "on 2024-01-15 12:00:05.123456",
+        "[15/Jan/2024:12:00:05 +0000]",
+        "from 192.168.100.0 via 10.0.0.1",
+        "python-requests/2.31.0 took 350.25 ms",
+        "call +44 20 7946 0958 or +1 555 0100",
+        "id 123e4567-e89b-12d3-a456-426614174000",
+        "payment pay_00000000000000000000002a for 12.50 USD",
+        "GET /v1/payments/pay_123?expand=a+b&limit=100%25 HTTP/1.1",
+    ],
+)
+def test_ids_timestamps_and_amounts_are_not_taken_for_card_numbers(redactor, text):
+    assert redactor.text(text) == text
+    assert mask_card_numbers(text) == text
+
+
+def test_mask_card_numbers_replaces_every_card_and_nothing_else():
+    text = "For Anna: 4111 1111 1111 1111, then 5555.5555.5555.4444 (cvv=123, a+b%20c)"
+    assert mask_card_numbers(text) == f"For Anna: {REDACTED}, then {REDACTED} (cvv=123, a+b%20c)"
+
+
+@pytest.mark.parametrize("text", ["", "Gift", "Birthday gift for Anna", "Order 12 of 3, ref A-17"])
+def test_mask_card_numbers_returns_text_without_a_card_number_untouched(text):
+    assert mask_card_numbers(text) is text
 
 
 @pytest.mark.parametrize(
