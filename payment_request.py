@@ -3,6 +3,10 @@
 Every field is validated here, so the store and the provider only ever see a request
 that can be taken: an exact amount in minor units, a known currency, keys that fit an
 HTTP header, text a PostgreSQL column can hold, and bounded JSON metadata.
+
+``description`` and ``metadata`` are free text that is stored, sent to the provider and
+returned to the caller: a card number typed into them would end up in all three, so
+card-like numbers are masked here, before any of that (:func:`redaction.mask_card_numbers`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 
 from errors import InvalidPaymentRequest
 from money import to_minor_units
+from redaction import mask_card_numbers
 from settings import Settings, get_settings
 
 MAX_METADATA_BYTES = 8192
@@ -39,7 +44,10 @@ class PaymentRequest:
 
     @property
     def fingerprint(self) -> str:
-        """What makes two calls with one key the same payment (amount, currency, body)."""
+        """What makes two calls with one key the same payment (amount, currency, body).
+
+        Taken over the masked text, so it holds no card number and a replay still matches.
+        """
         canonical = json.dumps(
             [
                 self.amount_minor,
@@ -75,6 +83,10 @@ def _check_text(name: str, value, max_length: int, *, required: bool) -> str | N
     return value
 
 
+def _mask_text(value: str | None) -> str | None:
+    return None if value is None else mask_card_numbers(value)
+
+
 def _check_key(name: str, value) -> str:
     _check_text(name, value, MAX_KEY_LENGTH, required=True)
     if not value.isascii() or not value.isprintable():
@@ -96,11 +108,35 @@ def _check_metadata(metadata) -> dict | None:
         raise InvalidPaymentRequest(
             f"metadata must be JSON-serialisable ({exc})", code="invalid_metadata"
         ) from None
-    if len(encoded.encode()) > MAX_METADATA_BYTES:
+    masked = _mask_cards(json.loads(encoded))
+    if len(json.dumps(masked, sort_keys=True).encode()) > MAX_METADATA_BYTES:
         raise InvalidPaymentRequest(
             f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON", code="invalid_metadata"
         )
-    return json.loads(encoded)
+    return masked
+
+
+def _mask_cards(value):
+    """``value`` (plain JSON) with card-like numbers masked in every key, string and number.
+
+    A number that holds a card number becomes the masked string: JSON has no masked int.
+    """
+    if isinstance(value, dict):
+        items = {mask_card_numbers(key): _mask_cards(item) for key, item in value.items()}
+        if len(items) < len(value):  # keys that differed only by their card numbers
+            raise InvalidPaymentRequest(
+                "metadata keys collide once card numbers are masked", code="invalid_metadata"
+            )
+        return items
+    if isinstance(value, list):
+        return [_mask_cards(item) for item in value]
+    if isinstance(value, str):
+        return mask_card_numbers(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        text = repr(value)
+        masked = mask_card_numbers(text)
+        return value if masked == text else masked
+    return value
 
 
 def build_request(
@@ -120,7 +156,7 @@ def build_request(
     if not isinstance(currency, str):
         raise InvalidPaymentRequest("currency must be a string", code="invalid_currency")
     currency = currency.strip().upper()
-    amount_minor = to_minor_units(amount, currency, settings.payment_max_amount)
+    amount_minor = to_minor_units(amount, currency, max_usd=settings.payment_max_amount)
     _check_text("payment_method", payment_method, 64, required=True)
     if transaction_id is not None:
         _check_key("transaction_id", transaction_id)
@@ -133,6 +169,6 @@ def build_request(
         payment_method=payment_method,
         transaction_id=transaction_id or key,
         idempotency_key=key,
-        description=_check_text("description", description, 1000, required=False),
+        description=_mask_text(_check_text("description", description, 1000, required=False)),
         metadata=_check_metadata(metadata),
     )

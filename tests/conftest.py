@@ -12,10 +12,13 @@ from settings import Settings
 
 @pytest.fixture
 def make_settings():
-    """Build a ``Settings`` from the defaults plus overrides, validated like the real thing."""
+    """Build a ``Settings`` from the defaults plus overrides, validated like the real thing.
+
+    Derived defaults follow the overrides (``gunicorn_threads=4`` sizes both pools).
+    """
 
     def build(**overrides) -> Settings:
-        return Settings().with_overrides(**overrides)
+        return Settings(**overrides)
 
     return build
 

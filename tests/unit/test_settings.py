@@ -1,8 +1,14 @@
 """Configuration is read once, typed, and a bad value names its variable."""
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
-from settings import ConfigError, load_settings
+from providers import PROVIDER_NAMES
+from settings import ConfigError, Settings, configuration_table, load_settings, variables
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_defaults_follow_the_design_table():
@@ -25,6 +31,7 @@ def test_defaults_follow_the_design_table():
         30,
     )
     assert (s.payment_currency, s.payment_max_amount) == ("USD", 1_000_000)
+    assert s.payment_provider == "sandbox"
     assert (s.gunicorn_workers, s.gunicorn_threads, s.port) == (2, 8, 8000)
     assert s.api_keys == () and s.cloudwatch_log_group is None and s.redis_url is None
 
@@ -61,6 +68,10 @@ def test_secrets_are_not_in_the_repr():
         ("API_KEYS", "short"),
         ("REQUESTS_CA_BUNDLE", "/nonexistent/ca.pem"),
         ("CLOUDWATCH_RETENTION_DAYS", "10"),
+        ("CLOUDWATCH_RETENTION_DAYS", "-1"),
+        ("PAYMENT_PROVIDER", "paypal"),
+        ("PAYMENT_MAX_AMOUNT", "0"),
+        ("API_KEYS", "inbound-key-0123456789,short"),
     ],
 )
 def test_bad_value_names_the_variable(variable, value):
@@ -71,3 +82,83 @@ def test_bad_value_names_the_variable(variable, value):
 def test_deadline_shorter_than_connect_timeout_is_refused():
     with pytest.raises(ConfigError, match="PAYMENT_DEADLINE"):
         load_settings({"PAYMENT_DEADLINE": "1", "PAYMENT_CONNECT_TIMEOUT": "3"})
+
+
+def test_unknown_provider_is_refused_with_the_known_ones_listed():
+    with pytest.raises(ConfigError, match="PAYMENT_PROVIDER") as info:
+        load_settings({"PAYMENT_PROVIDER": "paypal"})
+    assert all(name in str(info.value) for name in PROVIDER_NAMES)
+
+
+def test_text_is_normalised_and_blank_means_default():
+    s = load_settings(
+        {
+            "PAYMENT_CURRENCY": " eur ",
+            "LOG_LEVEL": "debug",
+            "DB_POOL": "NULL",
+            "PAYMENT_API_URL": "https://provider.test/",
+            "CLOUDWATCH_RETENTION_DAYS": "0",
+            "API_KEYS": " key-one-0123456789abcdef , ,key-two-0123456789abcdef",
+            "PAYMENT_DEADLINE": "   ",
+        }
+    )
+    assert (s.payment_currency, s.log_level, s.db_pool) == ("EUR", "DEBUG", "null")
+    assert s.payment_api_url == "https://provider.test"
+    assert s.cloudwatch_retention_days is None  # 0: leave the log group's retention alone
+    assert s.api_keys == ("key-one-0123456789abcdef", "key-two-0123456789abcdef")
+    assert s.payment_deadline == 15
+
+
+def test_environment_and_code_share_one_set_of_defaults():
+    assert load_settings({}) == Settings()
+
+
+def test_each_variable_is_declared_once():
+    names = [var.name for var, _ in variables()]
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Settings(db_pool_size=0),
+        lambda: replace(Settings(), db_pool_size=0),
+        lambda: Settings().with_overrides(db_pool_size=0),
+        lambda: Settings(db_pool_size="8"),
+        lambda: Settings(db_pool_size=True),
+    ],
+)
+def test_settings_made_in_code_are_validated_like_the_environment(build):
+    with pytest.raises(ConfigError, match="DB_POOL_SIZE"):
+        build()
+
+
+def test_cross_field_rules_hold_for_settings_made_in_code():
+    with pytest.raises(ConfigError, match="PAYMENT_DEADLINE"):
+        Settings(payment_deadline=1.0)  # below the default PAYMENT_CONNECT_TIMEOUT
+    assert Settings(payment_deadline=1.0, payment_connect_timeout=0.5).payment_deadline == 1.0
+
+
+def test_a_secret_of_the_wrong_type_is_not_echoed():
+    with pytest.raises(ConfigError, match="PAYMENT_API_KEY") as info:
+        Settings(payment_api_key=b"sk_live_secret")
+    assert "sk_live_secret" not in str(info.value)
+
+
+def test_make_settings_refuses_an_out_of_bounds_override(make_settings):
+    with pytest.raises(ConfigError, match="PAYMENT_MAX_RETRIES"):
+        make_settings(payment_max_retries=-1)
+
+
+def test_make_settings_derives_the_pools_from_overridden_threads(make_settings):
+    s = make_settings(gunicorn_threads=4)
+    assert (s.db_pool_size, s.payment_pool_maxsize) == (4, 3)
+
+
+def test_readme_configuration_table_is_the_declared_variables():
+    section = README.read_text().split("\n## Configuration\n", 1)[1].split("\n#", 1)[0]
+    documented = "".join(line + "\n" for line in section.splitlines() if line.startswith("|"))
+    assert documented == configuration_table(), (
+        "README's configuration table differs from settings.py: paste "
+        "settings.configuration_table() into the README's ## Configuration section"
+    )
