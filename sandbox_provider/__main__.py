@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--error-status", type=int, default=DEFAULT_ERROR_STATUS)
     parser.add_argument("--retry-after", type=int, help="Retry-After seconds on fault errors")
     parser.add_argument(
+        "--trickle-ms", type=float, default=0, help="record each charge, then answer bytewise"
+    )
+    parser.add_argument(
         "--script", default="", help="comma-separated faults for the next charges: 503,reset"
     )
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
@@ -51,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "error_rate": args.error_rate,
                 "error_status": args.error_status,
                 "retry_after": args.retry_after,
+                "trickle_ms": args.trickle_ms,
                 "script": [int(e) if e.isdigit() else e for e in args.script.split(",") if e],
             }
         )

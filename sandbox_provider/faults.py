@@ -9,6 +9,11 @@ Some faults reject the request before anything happens (an error status, ``reset
 after the charge is recorded (``hang_after_commit``, ``reset_mid_response``,
 ``malformed_json``, ``html``, ``missing_status``): the money moved, the client cannot
 tell, and only a replay or a lookup by key reveals it.
+
+``trickle_ms`` records the charge too, then sends the whole answer, status line
+included, one byte every ``trickle_ms``: each read the client makes succeeds, so no
+per-read timeout ever fires and only a wall-clock deadline ends the wait. Changing the
+faults sends the rest of a trickling answer at once.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ COMMITTING_NAMES = frozenset({"reset_mid_response", "malformed_json", "html", "m
 SCRIPT_NAMES = REJECTING_NAMES | COMMITTING_NAMES
 DEFAULT_ERROR_STATUS = 503
 MAX_LATENCY_MS = 600_000
+MAX_TRICKLE_MS = 60_000
 
 
 class FaultError(ValueError):
@@ -42,6 +48,7 @@ class Faults:
     error_rate: float = 0.0
     error_status: int = DEFAULT_ERROR_STATUS
     retry_after: int | None = None
+    trickle_ms: float = 0
     script: tuple[int | str, ...] = field(default=())
 
     @classmethod
@@ -55,6 +62,7 @@ class Faults:
         faults = cls(**data)
         _check_number("latency_ms", faults.latency_ms, 0, MAX_LATENCY_MS)
         _check_number("error_rate", faults.error_rate, 0, 1)
+        _check_number("trickle_ms", faults.trickle_ms, 0, MAX_TRICKLE_MS)
         for name in ("hang", "hang_after_commit"):
             if not isinstance(getattr(faults, name), bool):
                 raise FaultError(f"{name} must be true or false")
@@ -81,6 +89,7 @@ class Faults:
             "error_rate": self.error_rate,
             "error_status": self.error_status,
             "retry_after": self.retry_after,
+            "trickle_ms": self.trickle_ms,
             "script": list(self.script),
         }
 
@@ -104,13 +113,15 @@ class Action:
     """What to do with one charge request.
 
     ``kind`` is ``"ok"``, ``"status"`` (answer ``status``), ``"hang_after_commit"`` or a
-    script name. ``released`` is set when the request may stop hanging.
+    script name. ``trickle_s`` spaces the bytes of an ``"ok"`` answer. ``released`` is
+    set when the request may stop hanging or trickling.
     """
 
     kind: str
     latency_s: float
     status: int | None = None
     retry_after: int | None = None
+    trickle_s: float = 0.0
     released: threading.Event | None = None
 
     @property
@@ -168,4 +179,6 @@ class FaultInjector:
             return Action("hang_after_commit", released=released, **base)
         if faults.error_rate and self._rng.random() < faults.error_rate:
             return Action("status", status=faults.error_status, **base)
+        if faults.trickle_ms:
+            return Action("ok", trickle_s=faults.trickle_ms / 1000, released=released, **base)
         return Action("ok", **base)

@@ -9,6 +9,7 @@ whose point is to answer something else.
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import os
 import re
@@ -175,7 +176,9 @@ class SandboxHandler(BaseHTTPRequestHandler):
             )
         charge = ledger.commit(key, reservation, request)
         status, payload = reservation.reply
-        if action.kind == "ok":
+        if action.kind == "ok" and action.trickle_s:
+            self.trickle(action.trickle_s, action.released, status, payload)
+        elif action.kind == "ok":
             self.send_json(status, payload)
         elif action.kind == "hang_after_commit":
             self.hang(action.released)
@@ -198,6 +201,20 @@ class SandboxHandler(BaseHTTPRequestHandler):
         finally:
             stats.hang_ended()
         self.close_connection = True
+
+    def trickle(self, delay_s, released, status, payload):
+        """Send the answer one byte every ``delay_s``; the rest at once when released."""
+        wfile, self.wfile = self.wfile, io.BytesIO()
+        try:
+            self.send_json(status, payload)
+        finally:
+            answer, self.wfile = self.wfile.getvalue(), wfile
+        self.wfile.write(answer[:1])
+        for offset in range(1, len(answer)):
+            if released.wait(delay_s):
+                self.wfile.write(answer[offset:])
+                return
+            self.wfile.write(answer[offset : offset + 1])
 
     def reset_connection(self):
         """Close with a TCP RST (SO_LINGER 0), not the orderly FIN of a normal close."""

@@ -461,3 +461,33 @@ def test_tls_is_trusted_through_the_ca_bundle_only(monkeypatch):
         with requests.Session() as session:
             assert charge(sandbox, new_key(), session=session).status_code == 201
         assert sandbox.state()["charges"] == 1
+
+
+@pytest.mark.parametrize("trickle_ms", [-1, 60_001, "slow", True, None])
+def test_invalid_trickle_is_refused(sandbox, trickle_ms):
+    with pytest.raises(SandboxError, match="trickle_ms must be a number"):
+        sandbox.set_faults(trickle_ms=trickle_ms)
+    assert sandbox.state()["faults"]["trickle_ms"] == 0
+
+
+def test_trickle_records_the_charge_then_answers_a_byte_at_a_time(sandbox, pool):
+    assert sandbox.set_faults(trickle_ms=200)["trickle_ms"] == 200
+    key = new_key()
+    # Each read waits at most 1 s; a byte comes every 0.2 s, so none of them times out.
+    answer = pool.submit(charge, sandbox, key, timeout=(3, 1))
+    sandbox.wait_for_state(lambda state: state["charges"] == 1)
+    [recorded] = sandbox.ledger()
+    time.sleep(1.5)
+    assert not answer.done()  # still arriving, longer than any single read may wait
+    sandbox.set_faults()  # healed: the rest of the answer goes out at once
+    response = answer.result(timeout=10)
+    assert response.status_code == 201
+    assert response.json() == recorded
+
+
+def test_trickle_flag_applies_from_start():
+    with SandboxProcess(extra_args=("--trickle-ms", "1")) as trickling:
+        started = time.monotonic()
+        assert charge(trickling, new_key()).status_code == 201
+        assert time.monotonic() - started > 0.2  # a few hundred bytes, 1 ms apart
+        assert trickling.state()["faults"]["trickle_ms"] == 1
