@@ -53,6 +53,7 @@ from sqlalchemy.types import TypeDecorator
 
 import settings
 from errors import DatabaseUnavailable
+from payment_states import PaymentStatus
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,7 @@ def _check_writable(connection: Connection) -> None:
             raise DatabaseUnavailable("database is read-only (a standby, or read-only mode)")
         return
     raw = connection.connection.driver_connection
+    assert raw is not None  # a checked-out connection always has its driver connection
     timeout = raw.execute("PRAGMA busy_timeout").fetchone()[0]
     raw.execute("PRAGMA busy_timeout = 0")
     try:
@@ -446,7 +448,7 @@ def _track_checkouts(engine: Engine) -> None:
 
 # 5. Schema -------------------------------------------------------------------------------
 
-PAYMENT_STATUSES = ("pending", "succeeded", "failed", "unknown")
+PAYMENT_STATUSES = tuple(status.value for status in PaymentStatus)
 ATTEMPT_KINDS = ("charge", "lookup")
 
 metadata = MetaData(
@@ -510,8 +512,11 @@ payments = Table(
     Column("failure_message", Text),
     Column("attempts", Integer, nullable=False, default=0, server_default=text("0")),
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
-    Column("updated_at", UTCDateTime, nullable=False, default=utcnow, onupdate=utcnow),
+    # The time of the last status change (set by every change, not by leases or attempts).
+    Column("updated_at", UTCDateTime, nullable=False, default=utcnow),
     Column("reconcile_lease_until", UTCDateTime),
+    # Bumped by every status change: a reconciler settles only the version it looked up.
+    Column("version", Integer, nullable=False, default=0, server_default=text("0")),
     CheckConstraint("amount_minor > 0", name="amount_positive"),
     CheckConstraint(_one_of("status", PAYMENT_STATUSES), name="status_valid"),
     Index(None, "status", "updated_at"),  # reconciliation: oldest pending/unknown first

@@ -1,49 +1,34 @@
-"""Take a payment: ``process_payment(amount)`` and the provider client behind it.
+"""Take a payment: the library API and the lifecycle of DESIGN.md section 4.
 
 The call that failed in production held a database transaction open around the HTTP
 call to the provider and had no idempotency. Here every payment follows three steps:
 
 1. a short transaction inserts the payment as ``pending`` under its idempotency key
    (unique: concurrent callers with the same key cannot both get here) and commits;
-2. the provider is called with NO database connection checked out, with the same
-   ``Idempotency-Key`` on every retry, bounded by ``PAYMENT_DEADLINE`` and a circuit
-   breaker;
+2. the provider is called with NO database connection checked out (``PaymentClient``:
+   the same ``Idempotency-Key`` on every retry, ``PAYMENT_DEADLINE``, the breaker);
 3. a short transaction stores the outcome, every provider request and the transition.
 
-States: ``pending`` -> ``succeeded`` | ``failed`` | ``unknown``; ``unknown`` ->
-``succeeded`` | ``failed`` by ``reconcile_payments``. A caller retrying an ``unknown``
-payment (or one that ``failed`` because the provider was unreachable) with the same key
-re-submits it under the same Idempotency-Key (-> ``pending``): the provider deduplicates,
-so that is never a second charge.
+The states and their allowed moves are in ``payment_states``. The money rule holds
+throughout: once a request may have reached the provider, only the provider's
+definitive answer settles the payment; everything else is ``unknown``, which
+``reconcile_payments`` (or a retry under the same key) resolves.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
-from decimal import Decimal
-
-import requests
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
 
 import metrics
-import payment_store as store
-from circuit_breaker import build_breaker
-from connection_pool import (
-    POOL_BUSY,
-    TLS,
-    Bulkhead,
-    Exchange,
-    build_retry,
-    default_jitter,
-    get_session,
-    send_with_retries,
-)
+from database_config import utcnow
 from errors import (
     DatabaseUnavailable,
     IdempotencyKeyReused,
@@ -56,9 +41,20 @@ from errors import (
     PaymentServiceUnavailable,
 )
 from log_context import bind_log_context
-from money import currency_exponent, to_major_units, to_minor_units
-from payment_request import PaymentRequest, build_request, new_idempotency_key
-from payment_store import FAILED, PENDING, SUCCEEDED, UNKNOWN
+from payment_client import PaymentClient
+from payment_request import PaymentRequest, build_request
+from payment_results import PaymentResult, ReconcileReport
+from payment_states import FailureCode, PaymentStatus, check_transition, is_resubmittable
+from payment_store import (
+    LOOKUP,
+    Change,
+    NewPayment,
+    PaymentStore,
+    ReconcileClaim,
+    SqlPaymentStore,
+    StoredPayment,
+)
+from providers.base import ChargeLookup, ChargeRequest, ChargeStatus, ProviderCharge
 from settings import Settings, get_settings
 
 __all__ = [
@@ -73,590 +69,182 @@ __all__ = [
     "PaymentProviderError",
     "PaymentResult",
     "PaymentServiceUnavailable",
-    "ProviderCharge",
     "ReconcileReport",
+    "get_payment",
     "process_payment",
     "reconcile_payments",
 ]
 
 log = logging.getLogger(__name__)
 
-TIMEOUT_MESSAGE = "Payment service connection failed - timeout after %dms"
-
-#: The only status changes a payment can make (section 4 of DESIGN.md).
-TRANSITIONS: dict[str, frozenset[str]] = {
-    PENDING: frozenset({SUCCEEDED, FAILED, UNKNOWN}),
-    UNKNOWN: frozenset({SUCCEEDED, FAILED, PENDING}),
-    # Re-submitting a failure the provider never saw; or a charge that landed after a
-    # reconciler had found no trace of it (``not_received``).
-    FAILED: frozenset({PENDING, SUCCEEDED}),
-    SUCCEEDED: frozenset(),
-}
-#: ``failed`` payments that the provider certainly never charged: safe to re-submit.
-RESUBMITTABLE_FAILURES = frozenset(
-    {
-        "provider_unavailable",
-        "breaker_open",
-        "outbound_pool_busy",
-        "provider_tls_error",
-        "provider_rejected_request",
-        "not_received",
-    }
+PENDING, SUCCEEDED, FAILED, UNKNOWN = (
+    PaymentStatus.PENDING,
+    PaymentStatus.SUCCEEDED,
+    PaymentStatus.FAILED,
+    PaymentStatus.UNKNOWN,
 )
+#: Our payment ids: ``pay_`` and 24 hex digits. Anything else cannot exist.
+PAYMENT_ID = re.compile(r"pay_[0-9a-f]{24}")
+#: Payments one reconciliation batch leases and looks up.
+RECONCILE_BATCH = 20
 
 
-def check_transition(from_status: str, to_status: str) -> None:
-    """Refuse a status change the lifecycle does not allow (a bug if it ever fires)."""
-    if to_status not in TRANSITIONS[from_status]:
-        raise RuntimeError(f"payment state {from_status!r} cannot become {to_status!r}")
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class PaymentResult:
-    """A stored payment as callers see it. ``amount`` is in major units."""
-
-    id: str
-    status: str
-    amount: Decimal
-    currency: str
-    transaction_id: str
-    idempotency_key: str
-    provider_charge_id: str | None
-    attempts: int
-    payment_method: str
-    description: str | None = None
-    metadata: dict | None = None
-    failure_code: str | None = None
-    failure_message: str | None = None
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
-    replayed: bool = False
-
-    @property
-    def amount_minor(self) -> int:
-        return int(self.amount.scaleb(currency_exponent(self.currency)))
-
-    @classmethod
-    def from_stored(cls, p: store.StoredPayment, *, replayed: bool = False) -> PaymentResult:
-        return cls(
-            id=p.id,
-            status=p.status,
-            amount=to_major_units(p.amount_minor, p.currency),
-            currency=p.currency,
-            transaction_id=p.transaction_id,
-            idempotency_key=p.idempotency_key,
-            provider_charge_id=p.provider_charge_id,
-            attempts=p.attempts,
-            payment_method=p.payment_method,
-            description=p.description,
-            metadata=p.metadata,
-            failure_code=p.failure_code,
-            failure_message=p.failure_message,
-            created_at=p.created_at,
-            updated_at=p.updated_at,
-            replayed=replayed,
-        )
-
-    def to_dict(self) -> dict:
-        """The JSON shape of the HTTP API (amount as a decimal string: no float money)."""
-        return {
-            "id": self.id,
-            "status": self.status,
-            "amount": str(self.amount),
-            "amount_minor": self.amount_minor,
-            "currency": self.currency,
-            "payment_method": self.payment_method,
-            "transaction_id": self.transaction_id,
-            "idempotency_key": self.idempotency_key,
-            "provider_charge_id": self.provider_charge_id,
-            "attempts": self.attempts,
-            "description": self.description,
-            "metadata": self.metadata,
-            "failure_code": self.failure_code,
-            "failure_message": self.failure_message,
-            "created_at": self.created_at.isoformat() if self.created_at else None,
-            "updated_at": self.updated_at.isoformat() if self.updated_at else None,
-        }
-
-
-@dataclass(frozen=True)
-class ProviderCharge:
-    """The provider's answer to a charge that it accepted (succeeded or pending)."""
-
-    id: str
-    status: str
-    amount_minor: int | None
-    currency: str | None
-    attempts: list = field(default_factory=list)
-
-
-@dataclass
-class ReconcileReport:
-    """What one ``reconcile_payments`` run did."""
-
-    examined: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    still_pending: int = 0
-    errors: int = 0
-    skipped: int = 0  # settled by someone else meanwhile
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-# --------------------------------------------------------------------------- client
-
-
-def _error_body(response: requests.Response) -> dict:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    error = body.get("error") if isinstance(body, dict) else None
-    return error if isinstance(error, dict) else {}
-
-
-class PaymentClient:
-    """Speaks the provider's JSON contract (DESIGN.md section 5) over the pooled session.
-
-    This is the one place where provider responses and transport errors become
-    ``PaymentError``s. Every POST carries an ``Idempotency-Key`` (created once, before
-    the retry loop, unless the caller supplies one), so retrying a read timeout or a
-    5xx can never charge twice.
-
-    :param settings: defaults to the process settings.
-    :param session: a ``requests.Session``; defaults to the process's pooled session.
-    :param breaker: a circuit breaker; defaults to one built from the settings.
-    :param clock, sleep, jitter: injectable time sources for tests.
-    """
-
-    def __init__(
-        self,
-        settings: Settings | None = None,
-        *,
-        session: requests.Session | None = None,
-        breaker=None,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-        jitter: Callable[[float], float] = default_jitter,
-    ):
-        self.settings = settings or get_settings()
-        self._session = session
-        self.breaker = breaker if breaker is not None else build_breaker(self.settings)
-        self._clock, self._sleep, self._jitter = clock, sleep, jitter
-        self.bulkhead = Bulkhead(
-            self.settings.payment_pool_maxsize, self.settings.payment_pool_timeout, clock=clock
-        )
-        self._charge_retry = build_retry(self.settings, idempotent=True)
-        self._charges_url = f"{self.settings.payment_api_url}/v1/charges"
-        self._auth = f"Bearer {self.settings.payment_api_key}"
-
-    @property
-    def session(self) -> requests.Session:
-        return self._session if self._session is not None else get_session()
-
-    def charge(
-        self,
-        amount,
-        currency: str | None = None,
-        *,
-        idempotency_key: str | None = None,
-        payment_method: str = "card",
-        transaction_id: str | None = None,
-        description: str | None = None,
-        metadata: Mapping | None = None,
-    ) -> ProviderCharge:
-        """Charge ``amount`` (major units) once, whatever the retries.
-
-        Returns the accepted charge (``succeeded`` or ``pending``); raises
-        ``PaymentDeclined``, ``PaymentServiceUnavailable`` (certainly not charged),
-        ``PaymentOutcomeUnknown`` (maybe charged) or ``PaymentProviderError``. The
-        errors carry ``attempts``, the requests that went out.
-        """
-        currency = (currency or self.settings.payment_currency).upper()
-        amount_minor = to_minor_units(amount, currency, self.settings.payment_max_amount)
-        key = idempotency_key or new_idempotency_key()
-        body = {
-            "amount": amount_minor,
-            "currency": currency,
-            "payment_method": payment_method,
-            "transaction_id": transaction_id or key,
-            "description": description,
-            "metadata": dict(metadata) if metadata else {},
-        }
-        self.breaker.before_call()
-        slot = self.bulkhead.enter()
-        if slot is None:
-            raise self._pool_busy([])
-        try:
-            exchange = self._send(
-                "POST",
-                self._charges_url,
-                retry=self._charge_retry,
-                kind="charge",
-                json=body,
-                headers={"Authorization": self._auth, "Idempotency-Key": key},
-            )
-        finally:
-            self.bulkhead.leave(slot)
-        try:
-            charge = self._charge_from(exchange, body)
-        except (PaymentServiceUnavailable, PaymentOutcomeUnknown) as exc:
-            if exc.code != "outbound_pool_busy":
-                self.breaker.record_failure()
-            raise
-        except PaymentError:
-            self.breaker.record_success()  # the provider answered: it is up
-            raise
-        self.breaker.record_success()
-        return charge
-
-    def check_available(self) -> None:
-        """Raise ``PaymentServiceUnavailable`` now if a charge would be refused anyway.
-
-        Lets ``process_payment`` fail fast without writing a row while the breaker is
-        open (or its half-open trial is in flight) or every outbound connection is stuck;
-        takes no trial slot and no connection.
-        """
-        refused = self.breaker.refusal()
-        if refused is not None:
-            raise refused
-        if self.bulkhead.is_saturated():
-            raise self._pool_busy([])
-
-    def _pool_busy(self, attempts) -> PaymentServiceUnavailable:
-        return PaymentServiceUnavailable(
-            f"all {self.settings.payment_pool_maxsize} outbound provider connections are "
-            f"busy (waited up to {self.settings.payment_pool_timeout}s)",
-            code="outbound_pool_busy",
-            retry_after=1.0,
-            attempts=attempts,
-        )
-
-    def find_charges(self, idempotency_key: str) -> tuple[list[dict], list]:
-        """The provider's charges for ``idempotency_key`` and the requests it took.
-
-        An empty list means the provider never saw the key.
-        """
-        exchange = self._send(
-            "GET",
-            self._charges_url,
-            retry=build_retry(self.settings, idempotent=True),
-            kind="lookup",
-            params={"idempotency_key": idempotency_key},
-            headers={"Authorization": self._auth},
-        )
-        response = exchange.response
-        if response is None or response.status_code >= 500 or response.status_code == 429:
-            raise PaymentServiceUnavailable(
-                f"provider lookup failed: {self._failure_text(exchange)}",
-                attempts=exchange.attempts,
-            )
-        if response.status_code != 200:
-            self._reject(response, exchange)
-        try:
-            data = response.json()["data"]
-        except (ValueError, KeyError, TypeError):
-            raise PaymentServiceUnavailable(
-                "provider lookup answered with an unreadable body", attempts=exchange.attempts
-            ) from None
-        return list(data), exchange.attempts
-
-    # -- transport ---------------------------------------------------------------
-
-    def _send(self, method: str, url: str, *, retry, kind: str, **kwargs) -> Exchange:
-        settings = self.settings
-
-        def on_attempt(attempt) -> None:
-            metrics.observe_provider_attempt(kind, attempt)
-            if attempt.timeout is not None:
-                log.error(
-                    TIMEOUT_MESSAGE,
-                    round(attempt.timeout * 1000),
-                    extra={"attempt": attempt.number, "timeout_kind": attempt.error_kind},
-                )
-
-        return send_with_retries(
-            self.session,
-            method,
-            url,
-            retry=retry,
-            connect_timeout=settings.payment_connect_timeout,
-            read_timeout=settings.payment_read_timeout,
-            deadline=self._clock() + settings.payment_deadline,
-            clock=self._clock,
-            sleep=self._sleep,
-            jitter=self._jitter,
-            on_attempt=on_attempt,
-            **kwargs,
-        )
-
-    # -- translation: the one place provider answers become errors ---------------
-
-    def _charge_from(self, exchange: Exchange, sent: dict) -> ProviderCharge:
-        response, attempts = exchange.response, exchange.attempts
-        if response is None:
-            raise self._transport_error(exchange)
-        status = response.status_code
-        if status in (200, 201):
-            return self._parse_charge(response, exchange, sent)
-        if status == 402:
-            error = _error_body(response)
-            raise PaymentDeclined(
-                error.get("message") or "the card was declined",
-                code=str(error.get("code") or "card_declined")[:64],
-                attempts=attempts,
-            )
-        if status == 409 or (exchange.may_have_been_processed and status >= 429):
-            raise PaymentOutcomeUnknown(
-                f"provider answered {status} after a request that may have been processed; "
-                "reconciliation will settle it",
-                attempts=attempts,
-            )
-        if status == 429 or status >= 500:
-            raise PaymentServiceUnavailable(
-                f"provider unavailable: {self._failure_text(exchange)}",
-                retry_after=exchange.retry_after or 1.0,
-                attempts=attempts,
-            )
-        self._reject(response, exchange)
-
-    def _parse_charge(
-        self, response: requests.Response, exchange: Exchange, sent: dict
-    ) -> ProviderCharge:
-        try:
-            if "json" not in response.headers.get("Content-Type", ""):
-                raise ValueError(f"content type {response.headers.get('Content-Type')!r}")
-            body = response.json()
-            charge_id, status = str(body["id"]), body["status"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise PaymentOutcomeUnknown(
-                f"provider answered {response.status_code} with an unreadable charge "
-                f"({type(exc).__name__}: {str(exc)[:80]}); reconciliation will settle it",
-                code="provider_response_invalid",
-                attempts=exchange.attempts,
-            ) from None
-        if status == "failed":
-            raise PaymentDeclined(
-                body.get("failure_message") or "the provider failed the charge",
-                code=str(body.get("failure_code") or "charge_failed")[:64],
-                attempts=exchange.attempts,
-            )
-        charged = (body.get("amount", sent["amount"]), body.get("currency", sent["currency"]))
-        if charged != (sent["amount"], sent["currency"]):
-            log.critical(
-                "provider charged %s %s for a charge of %s %s",
-                charged[0],
-                charged[1],
-                sent["amount"],
-                sent["currency"],
-                extra={"provider_charge_id": charge_id},
-            )
-            raise PaymentOutcomeUnknown(
-                f"provider answered with charge {charge_id} for {charged[0]} {charged[1]}, "
-                f"not the {sent['amount']} {sent['currency']} we sent; an operator must check it",
-                code="provider_amount_mismatch",
-                attempts=exchange.attempts,
-            )
-        if status not in ("succeeded", "pending"):
-            raise PaymentOutcomeUnknown(
-                f"provider answered with unexpected charge status {str(status)[:32]!r}",
-                code="provider_response_invalid",
-                attempts=exchange.attempts,
-            )
-        return ProviderCharge(
-            id=charge_id,
-            status=status,
-            amount_minor=body.get("amount"),
-            currency=body.get("currency"),
-            attempts=exchange.attempts,
-        )
-
-    def _transport_error(self, exchange: Exchange) -> PaymentError:
-        kind, attempts = exchange.error_kind, exchange.attempts
-        if kind == POOL_BUSY:
-            return self._pool_busy(attempts)
-        if kind == TLS:
-            log.critical("payment provider TLS verification failed: %s", exchange.error)
-            return PaymentServiceUnavailable(
-                "TLS handshake with the payment provider failed (check REQUESTS_CA_BUNDLE)",
-                code="provider_tls_error",
-                attempts=attempts,
-            )
-        if exchange.may_have_been_processed:
-            return PaymentOutcomeUnknown(
-                f"no answer from the provider after sending the charge "
-                f"({self._failure_text(exchange)}); reconciliation will settle it",
-                attempts=attempts,
-            )
-        return PaymentServiceUnavailable(
-            f"payment provider unreachable: {self._failure_text(exchange)}",
-            retry_after=min(5.0, self.settings.payment_breaker_reset),
-            attempts=attempts,
-        )
-
-    def _reject(self, response: requests.Response, exchange: Exchange):
-        status = response.status_code
-        error = _error_body(response)
-        if status in (401, 403):
-            log.critical(
-                "payment provider rejected our credentials (HTTP %d): check PAYMENT_API_KEY",
-                status,
-            )
-        raise PaymentProviderError(
-            f"provider rejected the request with HTTP {status}: "
-            f"{str(error.get('message') or error.get('code') or 'no detail')[:200]}",
-            code="provider_rejected_request",
-            attempts=exchange.attempts,
-        )
-
-    @staticmethod
-    def _failure_text(exchange: Exchange) -> str:
-        last = exchange.attempts[-1] if exchange.attempts else None
-        what = "no attempt was possible" if last is None else (last.error or f"HTTP {last.status}")
-        reason = f", gave up: {exchange.gave_up}" if exchange.gave_up else ""
-        return f"{what} after {len(exchange.attempts)} attempt(s){reason}"
-
-
-# --------------------------------------------------------------------------- service
+def new_payment_id() -> str:
+    return f"pay_{uuid.uuid4().hex[:24]}"
 
 
 class PaymentService:
-    """The lifecycle of DESIGN.md section 4 over a client and the store.
+    """The lifecycle over a provider client and a store.
 
     :param settings: the configuration.
-    :param client: the provider client (defaults to one over the pooled session).
-    :param store_retries: how often to retry recording an outcome if the database
-        blips after the provider already answered (the charge must not go unrecorded).
+    :param client: the provider client (default: the provider ``PAYMENT_PROVIDER`` names,
+        over the process's pooled session).
+    :param store: where payments are kept (default: the service's database).
+    :param now: wall-clock time (aware UTC) for reconciliation cut-offs and leases.
+    :param sleep: waits between attempts to store an outcome.
+    :param store_retries: how often to retry recording an outcome if the database blips
+        after the provider already answered (the charge must not go unrecorded).
     """
 
     def __init__(
         self,
         settings: Settings | None = None,
-        client: PaymentClient | None = None,
         *,
+        client: PaymentClient | None = None,
+        store: PaymentStore | None = None,
+        now: Callable[[], datetime] = utcnow,
+        sleep: Callable[[float], None] = time.sleep,
         store_retries: int = 3,
     ):
         self.settings = settings or get_settings()
         self.client = client or PaymentClient(self.settings)
+        self.store: PaymentStore = store if store is not None else SqlPaymentStore()
+        self._now, self._sleep = now, sleep
         self.store_retries = store_retries
+
+    @property
+    def breaker_state(self) -> str:
+        """``closed``, ``half_open`` or ``open``: this process's view of the provider."""
+        return self.client.breaker.state
+
+    # -- taking a payment ------------------------------------------------------------
 
     def process(self, request: PaymentRequest) -> PaymentResult:
         with bind_log_context(transaction_id=request.transaction_id):
-            try:
-                self.client.check_available()
-            except PaymentServiceUnavailable as exc:
-                # A known key is still replayed; a new one is refused before it is stored.
-                if store.find_by_key(request.idempotency_key) is None:
-                    metrics.observe_payment(exc.code)
-                    raise
-                return self._repeat(request)
-            stored = store.insert_pending(
-                payment_id=f"pay_{uuid.uuid4().hex[:24]}",
-                idempotency_key=request.idempotency_key,
-                transaction_id=request.transaction_id,
-                fingerprint=request.fingerprint,
-                amount_minor=request.amount_minor,
-                currency=request.currency,
-                payment_method=request.payment_method,
-                description=request.description,
-                metadata=request.metadata,
-            )
-            if stored is None:
-                return self._repeat(request)
-            return self._charge(stored, request)
-
-    def _repeat(self, request: PaymentRequest) -> PaymentResult:
-        """A second call with a known key: replay, re-submit, or report the conflict."""
-        stored = store.find_by_key(request.idempotency_key)
-        with bind_log_context(payment_id=stored.id):
-            if stored.request_fingerprint != request.fingerprint:
-                raise IdempotencyKeyReused(
-                    "this idempotency key was already used for a different payment request",
-                    payment=PaymentResult.from_stored(stored),
-                )
-            if stored.status == PENDING:
-                raise PaymentInProgress(
-                    "a payment with this idempotency key is still in progress",
-                    payment=PaymentResult.from_stored(stored),
-                )
-            resubmit = stored.status == UNKNOWN or (
-                stored.status == FAILED and stored.failure_code in RESUBMITTABLE_FAILURES
-            )
-            if not resubmit:
-                result = PaymentResult.from_stored(stored, replayed=True)
-                if stored.status == FAILED:
-                    raise PaymentDeclined(
-                        stored.failure_message or "the payment failed",
-                        code=stored.failure_code or "card_declined",
-                        payment=result,
-                    )
-                metrics.observe_payment("replayed")
-                return result
-            check_transition(stored.status, PENDING)
-            claimed = store.transition(
-                stored.id, from_status=stored.status, to_status=PENDING, reason="resubmitted"
-            )
-            if claimed is None:
-                raise PaymentInProgress(
-                    "another call is re-submitting this payment",
-                    payment=PaymentResult.from_stored(stored),
-                )
-            log.info("re-submitting %s payment under the same idempotency key", stored.status)
-            return self._charge(claimed, request)
-
-    def _charge(self, stored: store.StoredPayment, request: PaymentRequest) -> PaymentResult:
-        with bind_log_context(payment_id=stored.id):
-            try:
-                charge = self.client.charge(
-                    to_major_units(request.amount_minor, request.currency),
-                    request.currency,
+            refusal = self.client.refusal()
+            if refusal is not None:
+                # A new key is refused before anything is stored; a known one is replayed.
+                existing = self.store.find_by_key(request.idempotency_key)
+                if existing is None:
+                    metrics.observe_payment(refusal.code)
+                    raise refusal
+                return self._repeat(existing, request, refusal)
+            stored, created = self.store.insert_pending(
+                NewPayment(
+                    id=new_payment_id(),
                     idempotency_key=request.idempotency_key,
-                    payment_method=request.payment_method,
                     transaction_id=request.transaction_id,
+                    fingerprint=request.fingerprint,
+                    amount_minor=request.amount_minor,
+                    currency=request.currency,
+                    payment_method=request.payment_method,
                     description=request.description,
                     metadata=request.metadata,
                 )
-            except PaymentOutcomeUnknown as exc:
-                log.error(
-                    "payment outcome unknown (%s): %s",
-                    exc.code,
-                    exc.message,
-                    extra={"attempts": len(exc.attempts)},
+            )
+            if not created:
+                return self._repeat(stored, request, None)
+            return self._charge(stored, maybe_charged=False)
+
+    def _repeat(
+        self,
+        existing: StoredPayment,
+        request: PaymentRequest,
+        refusal: PaymentServiceUnavailable | None,
+    ) -> PaymentResult:
+        """A call with a known key: replay it, re-submit it, or report the conflict."""
+        with bind_log_context(payment_id=existing.id):
+            result = PaymentResult.from_stored(existing, replayed=True)
+            if existing.request_fingerprint != request.fingerprint:
+                raise IdempotencyKeyReused(
+                    "this idempotency key was already used for a different payment request",
+                    payment=result,
                 )
-                return self._failed(stored, exc, UNKNOWN, "outcome_unknown")
+            if existing.status == PENDING:
+                raise PaymentInProgress(
+                    "a payment with this idempotency key is still in progress", payment=result
+                )
+            if not is_resubmittable(existing.status, existing.failure_code):
+                return self._replay(existing, result)
+            refusal = refusal or self.client.refusal()
+            if refusal is not None:
+                return self._replay_refused(existing, result, refusal)
+            claimed = self._move(existing, Change(PENDING, "resubmitted"))
+            if claimed is None:
+                raise PaymentInProgress(
+                    "another call is re-submitting this payment", payment=result
+                )
+            log.info("re-submitting %s payment under the same idempotency key", existing.status)
+            return self._charge(claimed, maybe_charged=existing.status == UNKNOWN)
+
+    @staticmethod
+    def _replay(existing: StoredPayment, result: PaymentResult) -> PaymentResult:
+        """A settled payment answers as it was settled, without a provider call."""
+        if existing.status == FAILED:
+            raise PaymentDeclined(
+                existing.failure_message or "the payment failed",
+                code=existing.failure_code or FailureCode.CARD_DECLINED,
+                payment=result,
+            )
+        metrics.observe_payment("replayed")
+        return result
+
+    @staticmethod
+    def _replay_refused(
+        existing: StoredPayment, result: PaymentResult, refusal: PaymentServiceUnavailable
+    ) -> PaymentResult:
+        """The provider cannot be asked now: say what is stored, never "not charged" for
+        a payment that may have been charged."""
+        if existing.status == UNKNOWN:
+            metrics.observe_payment("unknown")
+            raise PaymentOutcomeUnknown(
+                f"the outcome of this payment is still unknown and it was not re-submitted: "
+                f"{refusal.message}; retry later with the same key",
+                payment=result,
+            )
+        metrics.observe_payment(refusal.code)
+        refusal.payment = result  # failed, and the provider certainly never charged it
+        raise refusal
+
+    def _charge(self, stored: StoredPayment, *, maybe_charged: bool) -> PaymentResult:
+        """Step 2 and 3. ``maybe_charged``: an earlier call may have reached the provider."""
+        with bind_log_context(payment_id=stored.id):
+            try:
+                reply = self.client.charge(_charge_request(stored))
+            except PaymentOutcomeUnknown as exc:
+                return self._unknown(stored, exc)
             except PaymentDeclined as exc:
                 log.info("payment declined by the provider (%s)", exc.code)
-                return self._failed(stored, exc, FAILED, exc.code)
+                return self._failed(stored, exc)
             except (PaymentServiceUnavailable, PaymentProviderError) as exc:
+                if maybe_charged:
+                    return self._unknown(stored, _still_unknown(exc))
                 log.warning("payment not charged (%s): %s", exc.code, exc.message)
-                return self._failed(stored, exc, FAILED, exc.code)
+                return self._failed(stored, exc)
             except BaseException as exc:
                 # A bug or an interrupt after the request may have gone out: the payment
                 # must not stay silently pending; reconciliation asks the provider.
-                self._store_outcome(
-                    stored,
-                    UNKNOWN,
-                    reason="unexpected_error",
-                    failure_code="internal_error",
-                    failure_message=type(exc).__name__,
-                )
+                self._store_outcome(stored, Change(UNKNOWN, f"unexpected_error: {exc!r}"[:255]))
                 raise
-            status = SUCCEEDED if charge.status == "succeeded" else PENDING
-            if status == PENDING:
+            if reply.value.status is ChargeStatus.PENDING:
                 metrics.observe_payment("pending")
-                store.record_attempts(stored.id, charge.attempts, "charge")
-                return PaymentResult.from_stored(store.find_by_id(stored.id) or stored)
+                updated = self.store.record_attempts(stored.id, reply.attempts, "charge")
+                return PaymentResult.from_stored(updated or stored)
             final = self._store_outcome(
                 stored,
-                SUCCEEDED,
-                reason="charged",
-                attempts=charge.attempts,
-                provider_charge_id=charge.id,
+                Change(
+                    SUCCEEDED, "charged", attempts=reply.attempts, provider_charge_id=reply.value.id
+                ),
             )
             metrics.observe_payment("succeeded")
             if final.status != SUCCEEDED:  # settled otherwise meanwhile; already logged
@@ -668,45 +256,60 @@ class PaymentService:
                 )
             return PaymentResult.from_stored(final)
 
-    def _failed(self, stored, exc: PaymentError, status: str, outcome: str) -> PaymentResult:
-        """Record a failed or unknown outcome and raise ``exc`` with the payment attached.
-
-        If a reconciler settled the payment as ``succeeded`` meanwhile, that is the truth
-        and it is returned instead.
-        """
-        final = self._store_outcome(
-            stored,
-            status,
-            reason=exc.code,
-            attempts=exc.attempts,
-            failure_code=exc.code if status == FAILED else None,
-            failure_message=exc.message[:1000] if status == FAILED else None,
+    def _unknown(self, stored: StoredPayment, exc: PaymentOutcomeUnknown) -> PaymentResult:
+        log.error(
+            "payment outcome unknown (%s): %s",
+            exc.code,
+            exc.message,
+            extra={"attempts": len(exc.attempts)},
         )
+        change = Change(UNKNOWN, exc.code, attempts=exc.attempts)
+        return self._raise_unless_charged(stored, exc, change, "unknown")
+
+    def _failed(self, stored: StoredPayment, exc: PaymentError) -> PaymentResult:
+        change = Change(
+            FAILED,
+            exc.code,
+            attempts=exc.attempts,
+            failure_code=exc.code,
+            failure_message=exc.message[:1000],
+        )
+        outcome = "declined" if isinstance(exc, PaymentDeclined) else exc.code
+        return self._raise_unless_charged(stored, exc, change, outcome)
+
+    def _raise_unless_charged(
+        self, stored: StoredPayment, exc: PaymentError, change: Change, outcome: str
+    ) -> PaymentResult:
+        """Store ``change`` and raise ``exc`` with the payment attached.
+
+        If a reconciler settled the payment as ``succeeded`` meanwhile, that is the
+        provider's truth and it is returned instead.
+        """
+        final = self._store_outcome(stored, change)
         exc.payment = PaymentResult.from_stored(final)
         if final.status == SUCCEEDED:
             metrics.observe_payment("succeeded")
             return exc.payment
-        metrics.observe_payment("declined" if isinstance(exc, PaymentDeclined) else outcome)
+        metrics.observe_payment(outcome)
         raise exc
 
-    def _store_outcome(self, stored, status: str, *, reason: str, **fields) -> store.StoredPayment:
+    def _store_outcome(self, stored: StoredPayment, change: Change) -> StoredPayment:
         """Write step 3. A database blip here must not lose a charge that happened."""
-        check_transition(PENDING, status)
+        check_transition(stored.status, change.to_status, stored.failure_code)
         delay = 0.1
         for attempt in range(self.store_retries + 1):
             try:
-                final = store.transition(
-                    stored.id, from_status=PENDING, to_status=status, reason=reason, **fields
-                )
-                return final or self._lost_race(stored, status, fields)
+                final = self.store.transition(stored, change)
+                return final or self._lost_race(stored, change)
             except DatabaseUnavailable as exc:
                 if attempt == self.store_retries:
                     log.error(
                         "could not record the provider's answer (%s -> %s); the payment stays "
-                        "pending until reconcile_payments settles it",
+                        "%s until reconcile_payments settles it",
                         stored.status,
-                        status,
-                        extra={"provider_charge_id": fields.get("provider_charge_id")},
+                        change.to_status,
+                        stored.status,
+                        extra={"provider_charge_id": change.provider_charge_id},
                     )
                     raise PaymentOutcomeUnknown(
                         "the provider answered but the outcome could not be stored; "
@@ -714,103 +317,197 @@ class PaymentService:
                         code="outcome_not_stored",
                         payment=PaymentResult.from_stored(stored),
                     ) from exc
-                time.sleep(delay)
+                self._sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
 
-    def _lost_race(self, stored, status: str, fields: dict) -> store.StoredPayment:
+    def _lost_race(self, stored: StoredPayment, change: Change) -> StoredPayment:
         """Someone settled the payment while we were charging it: keep the provider's truth.
 
-        The one case that must be corrected is a reconciler that found no charge for the
-        key (``not_received``) while ours was still in flight and then succeeded.
+        The one case to correct is a reconciler that found no charge for the key
+        (``not_received``) while ours was still in flight and then succeeded.
         """
-        current = store.find_by_id(stored.id)
-        if status == SUCCEEDED and (current.status, current.failure_code) == (
-            FAILED,
-            "not_received",
+        current = self.store.find_by_id(stored.id)
+        if current is None:
+            raise AssertionError(f"payment {stored.id} vanished from the store")
+        if (
+            change.to_status == SUCCEEDED
+            and current.status == FAILED
+            and current.failure_code == FailureCode.NOT_RECEIVED
         ):
             log.error(
                 "payment was reconciled as not received while its charge was in flight; "
                 "the provider charged it: recording it as succeeded",
-                extra={"provider_charge_id": fields.get("provider_charge_id")},
+                extra={"provider_charge_id": change.provider_charge_id},
             )
-            check_transition(FAILED, SUCCEEDED)
-            corrected = store.transition(
-                stored.id,
-                from_status=FAILED,
-                to_status=SUCCEEDED,
-                reason="charge_landed_after_reconciliation",
-                only_if_failure_code="not_received",
-                provider_charge_id=fields.get("provider_charge_id"),
+            corrected = self._move(
+                current,
+                Change(
+                    SUCCEEDED,
+                    "charge_landed_after_reconciliation",
+                    provider_charge_id=change.provider_charge_id,
+                ),
             )
-            return corrected or store.find_by_id(stored.id)
-        if current.status != status:
+            return corrected or self.store.find_by_id(stored.id) or current
+        if current.status != change.to_status:
             log.warning(
-                "payment was settled as %s while this call found %s", current.status, status
+                "payment was settled as %s while this call found %s",
+                current.status,
+                change.to_status,
             )
         return current
 
-    # -- reconciliation ------------------------------------------------------------
+    def _move(self, payment: StoredPayment, change: Change) -> StoredPayment | None:
+        """A status change the lifecycle allows, if ``payment`` is still as it was read."""
+        check_transition(payment.status, change.to_status, payment.failure_code)
+        return self.store.transition(payment, change)
+
+    # -- reconciliation ----------------------------------------------------------------
 
     def reconcile(
-        self, older_than_seconds: float = 60, *, batch_size: int = 100
+        self, older_than_seconds: float = 60, *, batch_size: int = RECONCILE_BATCH
     ) -> ReconcileReport:
+        """One pass over the payments waiting for the provider's verdict.
+
+        Each payment is looked up at most once per run, in batches leased long enough
+        for every lookup in them to reach its deadline. The run stops (and frees what it
+        has not looked up) as soon as the provider is unavailable.
+        """
         report = ReconcileReport()
-        lease = max(60.0, self.settings.payment_deadline * 2)
+        settings = self.settings
+        started = self._now()
         # A pending payment younger than this may still have its charge in flight: the
         # provider cannot list an unfinished charge, so asking now would say "not received".
-        in_flight = self.settings.payment_deadline + self.settings.db_pool_timeout + 1
+        in_flight = settings.payment_deadline + settings.db_pool_timeout + 1
+        lease = max(60.0, batch_size * (settings.payment_deadline + 1))
+        after: tuple[datetime, str] | None = None
         while True:
-            batch = store.claim_for_reconciliation(
-                older_than_seconds, max(older_than_seconds, in_flight), lease, batch_size
+            refusal = self.client.refusal()
+            if refusal is not None:
+                log.warning("reconciliation stopped: %s", refusal.message)
+                return report
+            batch = self.store.claim_for_reconciliation(
+                ReconcileClaim(
+                    unknown_before=started - timedelta(seconds=older_than_seconds),
+                    pending_before=started - timedelta(seconds=max(older_than_seconds, in_flight)),
+                    lease_until=self._now() + timedelta(seconds=lease),
+                    limit=batch_size,
+                    after=after,
+                )
             )
             if not batch:
                 return report
-            for stored in batch:
-                report.examined += 1
-                with bind_log_context(payment_id=stored.id, transaction_id=stored.transaction_id):
-                    self._reconcile_one(stored, report)
+            after = (batch[-1].updated_at, batch[-1].id)
+            if not self._reconcile_batch(batch, report):
+                return report
 
-    def _reconcile_one(self, stored: store.StoredPayment, report: ReconcileReport) -> None:
+    def _reconcile_batch(self, batch: Sequence[StoredPayment], report: ReconcileReport) -> bool:
+        """Look up each payment of ``batch``; ``False`` when the provider became unavailable."""
+        for index, payment in enumerate(batch):
+            refusal = self.client.refusal()
+            if refusal is not None:
+                rest = batch[index:]
+                self.store.release(p.id for p in rest)
+                report.deferred += len(rest)
+                log.warning(
+                    "reconciliation stopped with %d payments not looked up: %s",
+                    len(rest),
+                    refusal.message,
+                )
+                return False
+            report.examined += 1
+            with bind_log_context(payment_id=payment.id, transaction_id=payment.transaction_id):
+                try:
+                    self._reconcile_one(payment, report)
+                except DatabaseUnavailable:
+                    raise  # every other payment would fail the same way
+                except Exception:  # one bad payment must not stop the others
+                    report.errors += 1
+                    log.exception("could not reconcile this payment; the next run retries it")
+        return True
+
+    def _reconcile_one(self, payment: StoredPayment, report: ReconcileReport) -> None:
+        lookup = ChargeLookup(
+            payment_id=payment.id,
+            idempotency_key=payment.idempotency_key,
+            provider_charge_id=payment.provider_charge_id,
+            created_at=payment.created_at,
+        )
         try:
-            charges, attempts = self.client.find_charges(stored.idempotency_key)
+            reply = self.client.find_charges(lookup)
         except PaymentError as exc:
             report.errors += 1
-            log.warning("reconciliation lookup failed: %s", exc.message)
-            store.record_attempts(stored.id, exc.attempts, "lookup")
+            log.warning("reconciliation lookup failed (%s): %s", exc.code, exc.message)
+            self.store.record_attempts(payment.id, exc.attempts, LOOKUP)
             return
-        settled = next((c for c in charges if c.get("status") == "succeeded"), None)
-        failed = next((c for c in charges if c.get("status") == "failed"), None)
-        if settled is not None:
-            to, code, message, charge_id = SUCCEEDED, None, None, settled.get("id")
-        elif not charges:
-            to, code, message, charge_id = FAILED, "not_received", "provider never saw it", None
-        elif failed is not None and len(charges) == 1:
-            to, charge_id = FAILED, failed.get("id")
-            code = failed.get("failure_code") or "charge_failed"
-            message = failed.get("failure_message")
-        else:
+        verdict = _verdict(reply.value)
+        if verdict is None:
             report.still_pending += 1
-            store.record_attempts(stored.id, attempts, "lookup")
+            self.store.record_attempts(payment.id, reply.attempts, LOOKUP)
             return
-        check_transition(stored.status, to)
-        final = store.transition(
-            stored.id,
-            from_status=stored.status,
-            to_status=to,
-            reason="reconciled",
-            attempts=attempts,
-            attempt_kind="lookup",
-            provider_charge_id=charge_id,
-            failure_code=code,
-            failure_message=message,
-        )
-        if final is None:
+        change = replace(verdict, attempts=reply.attempts, attempt_kind=LOOKUP)
+        if self._move(payment, change) is None:
             report.skipped += 1
+            log.info("payment changed while it was looked up; its verdict was discarded")
             return
-        report.succeeded += to == SUCCEEDED
-        report.failed += to == FAILED
-        log.info("reconciled payment: %s -> %s", stored.status, to)
+        report.succeeded += change.to_status == SUCCEEDED
+        report.failed += change.to_status == FAILED
+        log.info("reconciled payment: %s -> %s", payment.status, change.to_status)
+
+
+def _charge_request(payment: StoredPayment) -> ChargeRequest:
+    return ChargeRequest(
+        payment_id=payment.id,
+        idempotency_key=payment.idempotency_key,
+        amount_minor=payment.amount_minor,
+        currency=payment.currency,
+        payment_method=payment.payment_method,
+        transaction_id=payment.transaction_id,
+        description=payment.description,
+        metadata=payment.metadata,
+        created_at=payment.created_at,
+    )
+
+
+def _still_unknown(exc: PaymentError) -> PaymentOutcomeUnknown:
+    """A re-submission's non-answer cannot settle a payment an earlier call may have charged."""
+    unknown = PaymentOutcomeUnknown(
+        f"an earlier call may have charged this payment and this one got no definitive "
+        f"answer ({exc.code}: {exc.message}); reconciliation will settle it",
+        attempts=exc.attempts,
+    )
+    unknown.__cause__ = exc
+    return unknown
+
+
+def _verdict(charges: Sequence[ProviderCharge]) -> Change | None:
+    """What the provider's charges for one key settle a payment to; ``None``: not yet."""
+    succeeded = [c for c in charges if c.status is ChargeStatus.SUCCEEDED]
+    if len(succeeded) > 1:
+        log.error(
+            "the provider holds %d succeeded charges under one idempotency key: %s",
+            len(succeeded),
+            ", ".join(c.id for c in succeeded),
+        )
+    if succeeded:
+        return Change(SUCCEEDED, "reconciled", provider_charge_id=succeeded[0].id)
+    if not charges:
+        return Change(
+            FAILED,
+            "reconciled",
+            failure_code=FailureCode.NOT_RECEIVED,
+            failure_message="the provider has no charge for this idempotency key",
+        )
+    if all(c.status is ChargeStatus.FAILED for c in charges):
+        last = charges[-1]
+        return Change(
+            FAILED,
+            "reconciled",
+            provider_charge_id=last.id,
+            failure_code=last.failure_code or FailureCode.CHARGE_FAILED,
+            failure_message=last.failure_message,
+        )
+    return None
 
 
 # --------------------------------------------------------------------------- module API
@@ -820,7 +517,7 @@ _service: PaymentService | None = None
 
 
 def get_payment_service() -> PaymentService:
-    """The process's service (client, session, breaker), built on first use."""
+    """The process's service (client, session, breaker, store), built on first use."""
     global _service
     if _service is None:
         with _service_lock:
@@ -874,13 +571,24 @@ def process_payment(
     return service.process(request)
 
 
+def get_payment(payment_id: str) -> PaymentResult | None:
+    """The stored payment with this id, or ``None`` (an id we could not have made is
+    answered without asking the store)."""
+    if not isinstance(payment_id, str) or not PAYMENT_ID.fullmatch(payment_id):
+        return None
+    stored = get_payment_service().store.find_by_id(payment_id)
+    return PaymentResult.from_stored(stored) if stored is not None else None
+
+
 def reconcile_payments(older_than_seconds: float = 60) -> ReconcileReport:
     """Settle ``pending``/``unknown`` payments older than the threshold with the provider.
 
-    A ``pending`` payment is left alone until its charge cannot be in flight any more
-    (``PAYMENT_DEADLINE`` + ``DB_POOL_TIMEOUT`` + 1 s), whatever the threshold. Safe to
-    run from cron on several hosts at once: payments are leased with ``SKIP LOCKED`` and
-    every settlement is conditional on the status it read.
+    One pass: every payment is looked up at most once per run, and the run ends early
+    while the provider is unavailable. A ``pending`` payment is left alone until its
+    charge cannot be in flight any more (``PAYMENT_DEADLINE`` + ``DB_POOL_TIMEOUT`` +
+    1 s), whatever the threshold. Safe to run from cron on several hosts at once:
+    payments are leased with ``SKIP LOCKED`` and every settlement is conditional on the
+    version of the payment that was looked up.
     """
     if older_than_seconds < 0:
         raise InvalidPaymentRequest("older_than_seconds must not be negative")

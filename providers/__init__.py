@@ -7,6 +7,20 @@ types of :mod:`providers.base`; retries, deadline, breaker and audit are not the
 
 from __future__ import annotations
 
-#: ``PAYMENT_PROVIDER`` values and the module that implements each.
-PROVIDER_MODULES = {"sandbox": "providers.sandbox"}
-PROVIDER_NAMES = tuple(PROVIDER_MODULES)
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # this module imports nothing at run time: settings validates names here
+    from providers.base import PaymentProvider
+    from settings import Settings
+
+#: ``PAYMENT_PROVIDER`` values and the adapter class that implements each.
+PROVIDER_CLASSES = {"sandbox": "providers.sandbox:SandboxProvider"}
+PROVIDER_NAMES = tuple(PROVIDER_CLASSES)
+
+
+def load_provider(settings: Settings) -> PaymentProvider:
+    """The adapter ``PAYMENT_PROVIDER`` names, built from the settings."""
+    module_name, _, class_name = PROVIDER_CLASSES[settings.payment_provider].partition(":")
+    provider_class = getattr(importlib.import_module(module_name), class_name)
+    return provider_class(settings)

@@ -43,12 +43,13 @@ def init_app(app: Flask) -> None:
 def reconcile(older_than: float) -> None:
     """Settle pending and unknown payments with the provider; print the report as JSON.
 
-    Exits with status 1 when some provider lookups failed (the next run retries them),
-    so cron and alerting notice.
+    One pass: each payment is looked up at most once, and the run ends early while the
+    provider is unavailable. Exits with status 1 when some lookups failed or were put
+    off (the next run retries them), so cron and alerting notice.
     """
     report = payment_handler.reconcile_payments(older_than_seconds=older_than)
     click.echo(json.dumps(report.to_dict(), sort_keys=True))
-    if report.errors:
+    if report.errors or report.deferred:
         raise click.exceptions.Exit(1)
 
 

@@ -50,4 +50,4 @@ def readyz():
 
 def provider_breaker_state() -> str:
     """``closed``, ``half_open`` or ``open``: this worker's view of the provider breaker."""
-    return payment_handler.get_payment_service().client.breaker.state
+    return payment_handler.get_payment_service().breaker_state

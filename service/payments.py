@@ -21,8 +21,8 @@ from werkzeug.exceptions import (
 )
 
 import payment_handler
-import payment_store
 from payment_handler import InvalidPaymentRequest, PaymentResult
+from payment_states import PaymentStatus
 from service.auth import require_api_key
 
 bp = Blueprint("payments", __name__, url_prefix="/v1/payments")
@@ -31,8 +31,13 @@ bp.before_request(require_api_key)
 FIELDS = frozenset(
     {"amount", "currency", "payment_method", "transaction_id", "description", "metadata"}
 )
-#: The answer to a payment request by the payment's status (declines are 402 problems).
-CREATED_STATUS = {"succeeded": 201, "pending": 202, "unknown": 202}
+#: The answer to a payment request by the payment's status; a failed payment is a problem
+#: (402 declined, 503 not charged), never a payment body.
+CREATED_STATUS = {
+    PaymentStatus.SUCCEEDED: 201,
+    PaymentStatus.PENDING: 202,
+    PaymentStatus.UNKNOWN: 202,
+}
 
 
 @bp.post("")
@@ -52,10 +57,32 @@ def create_payment() -> Response:
 
 @bp.get("/<payment_id>")
 def get_payment(payment_id: str) -> Response:
-    stored = payment_store.find_by_id(payment_id)
-    if stored is None:
-        raise NotFound(f"There is no payment with id {payment_id!r}.")
-    return payment_response(PaymentResult.from_stored(stored), status=200)
+    result = payment_handler.get_payment(payment_id)
+    if result is None:  # the id is not echoed: it may be anything a client typed
+        raise NotFound("There is no payment with this id.")
+    return payment_response(result, status=200)
+
+
+def payment_json(result: PaymentResult) -> dict:
+    """The JSON shape of a payment (amount as a decimal string: no float money)."""
+    return {
+        "id": result.id,
+        "status": result.status.value,
+        "amount": str(result.amount),
+        "amount_minor": result.amount_minor,
+        "currency": result.currency,
+        "payment_method": result.payment_method,
+        "transaction_id": result.transaction_id,
+        "idempotency_key": result.idempotency_key,
+        "provider_charge_id": result.provider_charge_id,
+        "attempts": result.attempts,
+        "description": result.description,
+        "metadata": result.metadata,
+        "failure_code": result.failure_code,
+        "failure_message": result.failure_message,
+        "created_at": result.created_at.isoformat() if result.created_at else None,
+        "updated_at": result.updated_at.isoformat() if result.updated_at else None,
+    }
 
 
 def payment_response(result: PaymentResult, status: int | None = None) -> Response:
@@ -63,7 +90,7 @@ def payment_response(result: PaymentResult, status: int | None = None) -> Respon
 
     A replay of an earlier request says so in ``Idempotent-Replayed``.
     """
-    response = jsonify(result.to_dict())
+    response = jsonify(payment_json(result))
     response.status_code = status or CREATED_STATUS[result.status]
     if response.status_code in (201, 202):
         response.headers["Location"] = url_for("payments.get_payment", payment_id=result.id)

@@ -29,7 +29,7 @@ from payment_handler import (
     PaymentProviderError,
     PaymentServiceUnavailable,
 )
-from service.payments import payment_response
+from service.payments import CREATED_STATUS, payment_response
 from service.request_id import current_request_id
 
 log = logging.getLogger(__name__)
@@ -116,11 +116,19 @@ def http_error(exc: HTTPException) -> Response:
 
 
 def payment_error(exc: PaymentError) -> Response:
-    """A ``PaymentError`` as its ``http_status``; an unknown outcome is a 202 payment."""
-    if isinstance(exc, PaymentOutcomeUnknown) and exc.payment is not None:
+    """A ``PaymentError`` as its ``http_status``; an unknown outcome is a 202 payment.
+
+    An unknown outcome without a payment that is still ``pending``/``unknown`` (not
+    recorded, or settled otherwise meanwhile) is a 502 problem: an operator must look.
+    """
+    if (
+        isinstance(exc, PaymentOutcomeUnknown)
+        and exc.payment is not None
+        and exc.payment.status in CREATED_STATUS
+    ):
         return payment_response(exc.payment)
     slug, title = _lookup(PAYMENT_PROBLEMS, exc)
-    status = exc.http_status if exc.http_status >= 400 else 502  # an unrecorded unknown outcome
+    status = exc.http_status if exc.http_status >= 400 else 502
     public = _lookup(PUBLIC_DETAILS, exc)
     if status >= 500:
         log.warning("payment request failed (%s): %s", exc.code, exc.message)

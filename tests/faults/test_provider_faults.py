@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.gunicorn, pytest.mark.postgres]
 
 TIMEOUT_LINE = (
     "ERROR",
-    "payment_handler",
+    "payment_client",
     "Payment service connection failed - timeout after 500ms",
 )
 
@@ -214,6 +214,29 @@ ROWS = [
         faults=persistent(409),
     ),
     Row(
+        "answer trickled a byte every 400 ms (after charging), past the 3 s deadline",
+        202,
+        "unknown",
+        1,
+        1,
+        unknown_line(
+            "outcome_unknown",
+            "no answer from the provider after sending the charge (read: DeadlineExceeded",
+        ),
+        settled="succeeded",
+        faults={"trickle_ms": 400},
+    ),
+    Row(
+        "read timeout, then 400 on the retry",
+        202,
+        "unknown",
+        2,
+        2,
+        unknown_line("outcome_unknown", "attempt 1 may have reached the provider"),
+        settled="failed: not_received",
+        faults={"script": ["hang", 400]},
+    ),
+    Row(
         "malformed JSON after charging",
         202,
         "unknown",
@@ -269,7 +292,7 @@ ROWS = [
         1,
         (
             "CRITICAL",
-            "payment_handler",
+            "providers.sandbox",
             "payment provider rejected our credentials (HTTP 401): check PAYMENT_API_KEY",
         ),
         env={"PAYMENT_API_KEY": "sk_faults_not_the_right_key"},

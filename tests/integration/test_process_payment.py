@@ -27,6 +27,7 @@ from errors import (
 )
 from log_context import current_log_context
 from payment_handler import process_payment, reconcile_payments
+from payment_states import PaymentStatus
 
 pytestmark = pytest.mark.postgres
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +39,10 @@ def payments(pg_url, sandbox, configure_payments):
 
     def configure(**overrides):
         defaults = dict(
-            database_url=pg_url, payment_api_url=sandbox.url, payment_backoff_factor=0.01
+            database_url=pg_url,
+            payment_api_url=sandbox.url,
+            payment_backoff_factor=0.01,
+            payment_connect_timeout=0.5,
         )
         return configure_payments(**{**defaults, **overrides})
 
@@ -414,20 +418,17 @@ def test_text_that_is_not_unicode_is_refused(payments):
 
 def test_charge_landing_after_a_not_received_verdict_is_recorded_as_succeeded(payments, sandbox):
     """Defence in depth: if a reconciler wrongly found nothing, the provider's charge wins."""
-    import payment_store
+    from payment_store import Change, SqlPaymentStore
 
     sandbox.set_faults(latency_ms=600)
     tx = key()
+    store = SqlPaymentStore()
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(process_payment, "5.55", "card", tx)
         sandbox.wait_for_state(lambda s: s["in_flight"] >= 1, 5)
-        stored = payment_store.find_by_key(tx)
-        payment_store.transition(
-            stored.id,
-            from_status="pending",
-            to_status="failed",
-            reason="reconciled",
-            failure_code="not_received",
+        stored = store.find_by_key(tx)
+        store.transition(
+            stored, Change(PaymentStatus.FAILED, "reconciled", failure_code="not_received")
         )
         result = future.result(10)
     assert result.status == "succeeded"
@@ -447,7 +448,7 @@ def test_charge_landing_after_a_not_received_verdict_is_recorded_as_succeeded(pa
 
 def test_half_open_breaker_refuses_others_before_storing_while_its_trial_is_out(payments, sandbox):
     import payment_handler
-    import payment_store
+    from payment_store import SqlPaymentStore
 
     payments(
         payment_read_timeout=1.0,
@@ -471,6 +472,6 @@ def test_half_open_breaker_refuses_others_before_storing_while_its_trial_is_out(
         with pytest.raises(PaymentServiceUnavailable) as info:
             process_payment("1.00", transaction_id=refused_key)
         assert info.value.code == "breaker_open"
-        assert payment_store.find_by_key(refused_key) is None  # nothing stored
+        assert SqlPaymentStore().find_by_key(refused_key) is None  # nothing stored
         with pytest.raises(PaymentOutcomeUnknown):
             trial.result(5)

@@ -55,6 +55,7 @@ def test_reconciliation_works_on_sqlite(sqlite_payments, sandbox, configure_paym
     configure_payments(
         database_url=sqlite_payments.database_url,
         payment_api_url=sandbox.url,
+        payment_connect_timeout=0.2,
         payment_read_timeout=0.2,
         payment_deadline=0.5,
         payment_max_retries=0,

@@ -24,9 +24,9 @@ from openapi_spec_validator import validate as validate_openapi
 import database_config
 import logging_setup
 import payment_handler
-import payment_store
 import settings
 from log_context import current_log_context
+from payment_store import SqlPaymentStore
 from service import create_app
 from settings import ConfigError, Settings
 from tests.support.sandbox import SandboxProcess
@@ -160,8 +160,25 @@ def test_payment_can_be_read_back_by_id(client):
 
 
 def test_unknown_payment_id_is_404(client):
-    assert_problem(client.get("/v1/payments/pay_missing", headers=AUTH), 404, "not_found")
-    assert_problem(client.get("/v1/payments/" + "x" * 65, headers=AUTH), 404)
+    assert_problem(client.get("/v1/payments/pay_" + "0" * 24, headers=AUTH), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    "payment_id",
+    ["%00", "pay_%00", "x" * 65, "4111%201111%201111%201111", "pay_" + "A" * 24, "%E2%80%AE"],
+    ids=["nul", "pay-nul", "long", "card-number", "upper-hex", "bidi"],
+)
+def test_an_id_we_could_not_have_made_is_404_without_a_query_or_an_echo(
+    client, payment_id, monkeypatch
+):
+    from payment_store import SqlPaymentStore
+
+    def no_query(self, payment_id):
+        raise AssertionError("the store was asked")
+
+    monkeypatch.setattr(SqlPaymentStore, "find_by_id", no_query)
+    body = assert_problem(client.get(f"/v1/payments/{payment_id}", headers=AUTH), 404)
+    assert "4111" not in body["detail"] and "%" not in body["detail"]
 
 
 def test_same_key_and_body_replays_the_payment(client, sandbox):
@@ -550,7 +567,7 @@ def test_cli_reconcile_settles_unknown_payments_and_prints_json(make_app, sandbo
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["examined"] >= 1 and report["errors"] == 0
-    settled = payment_store.find_by_id(unknown["id"])
+    settled = SqlPaymentStore().find_by_id(unknown["id"])
     assert (settled.status, settled.failure_code) == ("failed", "not_received")
     logged = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     assert any(  # the cron job logs like the service: JSON, with the payment's id

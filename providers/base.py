@@ -1,0 +1,170 @@
+"""The provider boundary: what a provider adapter is given, and what it must hand back.
+
+An adapter (``providers/sandbox.py``, ...) builds its provider's requests, sends them
+through the :class:`Transport` it is given, and translates the answers into the neutral
+types below or into ``errors.PaymentError``s. It never retries, sleeps, times out,
+counts attempts or opens a breaker: ``payment_client`` does that once for every
+provider. Provider data is checked and bounded here, in the types' constructors, so
+whatever a provider sends, the store only ever sees values it can hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+import requests
+
+#: Longest provider id we store (``payments.provider_charge_id``).
+MAX_ID_LENGTH = 255
+#: Longest provider failure code and message we keep (``failure_code``, ``failure_message``).
+MAX_CODE_LENGTH = 64
+MAX_MESSAGE_LENGTH = 1000
+
+
+class InvalidProviderData(ValueError):
+    """The provider answered with something that is not a valid charge (or list of them)."""
+
+
+class ChargeStatus(StrEnum):
+    """A provider's charge in neutral terms."""
+
+    SUCCEEDED = "succeeded"  # the money moved
+    PENDING = "pending"  # accepted; the provider settles it later
+    FAILED = "failed"  # refused or failed: no money moved
+
+
+@dataclass(frozen=True)
+class ChargeRequest:
+    """One payment to charge, in integer minor units; ``idempotency_key`` goes on every
+    request that may move money, identical on every retry."""
+
+    payment_id: str
+    idempotency_key: str
+    amount_minor: int
+    currency: str
+    payment_method: str
+    transaction_id: str
+    description: str | None
+    metadata: Mapping[str, Any] | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ChargeLookup:
+    """What we know of a payment when asking the provider for its charges."""
+
+    payment_id: str
+    idempotency_key: str
+    provider_charge_id: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ProviderCharge:
+    """A charge as the provider reports it, checked and bounded on construction.
+
+    ``amount_minor``/``currency`` are ``None`` when the provider did not say (the caller
+    then cannot compare them with what it asked for). Raises :class:`InvalidProviderData`
+    for an id or status that cannot be right; over-long codes and messages are cut.
+    """
+
+    id: str
+    status: ChargeStatus
+    amount_minor: int | None = None
+    currency: str | None = None
+    failure_code: str | None = None
+    failure_message: str | None = None
+
+    def __post_init__(self) -> None:
+        charge_id = self.id
+        if (
+            not isinstance(charge_id, str)
+            or not 0 < len(charge_id) <= MAX_ID_LENGTH
+            or not charge_id.isascii()
+            or not charge_id.isprintable()
+        ):
+            raise InvalidProviderData(f"charge id {str(charge_id)[:40]!r} is not a provider id")
+        try:
+            status = ChargeStatus(self.status)
+        except ValueError:
+            raise InvalidProviderData(
+                f"unexpected charge status {str(self.status)[:32]!r}"
+            ) from None
+        amount = self.amount_minor
+        if amount is not None and (
+            isinstance(amount, bool) or not isinstance(amount, int) or amount < 0
+        ):
+            raise InvalidProviderData(f"charge amount {str(amount)[:32]!r} is not minor units")
+        currency = self.currency
+        if currency is not None:
+            if not isinstance(currency, str) or len(currency) != 3 or not currency.isalpha():
+                raise InvalidProviderData(f"charge currency {str(currency)[:8]!r} is not ISO 4217")
+            currency = currency.upper()
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "currency", currency)
+        object.__setattr__(self, "failure_code", _bounded(self.failure_code, MAX_CODE_LENGTH))
+        object.__setattr__(
+            self, "failure_message", _bounded(self.failure_message, MAX_MESSAGE_LENGTH)
+        )
+
+
+def _bounded(text: object, limit: int) -> str | None:
+    """Provider text cut to ``limit`` printable characters; anything but text is dropped."""
+    if not isinstance(text, str):
+        return None
+    cleaned = "".join(c if c.isprintable() else " " for c in text[:limit]).strip()
+    return cleaned or None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The provider's final answer to one request, after the transport's retries."""
+
+    response: requests.Response
+    #: The provider's ``Retry-After`` in seconds, when it sent one.
+    retry_after: float | None
+    #: What happened, for error messages: ``"HTTP 503 after 3 attempt(s), gave up: exhausted"``.
+    summary: str
+
+
+class Transport(Protocol):
+    """Sends one request to the provider under the shared policy (``payment_client``).
+
+    Retries (same ``Idempotency-Key`` every time), per-attempt timeouts, the deadline of
+    the whole operation, the audit of every attempt and the incident's log text are
+    applied here. A request that got no answer raises ``PaymentServiceUnavailable``
+    (certainly not received) or ``PaymentOutcomeUnknown`` (may have been received).
+    """
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        json: Any = None,
+        data: Any = None,
+        params: Mapping[str, str] | None = None,
+    ) -> Answer: ...
+
+
+class PaymentProvider(Protocol):
+    """One provider's wire format (DESIGN.md section 5)."""
+
+    name: str
+
+    def charge(self, transport: Transport, request: ChargeRequest) -> ProviderCharge:
+        """Charge once under ``request.idempotency_key``; the charge if ``succeeded`` or
+        ``pending``. Raises ``PaymentDeclined``, ``PaymentServiceUnavailable``,
+        ``PaymentOutcomeUnknown`` or ``PaymentProviderError``."""
+        ...
+
+    def find_charges(self, transport: Transport, lookup: ChargeLookup) -> list[ProviderCharge]:
+        """Every charge the provider holds for the payment; empty only when the provider
+        certainly never saw it (the lookup is strongly consistent)."""
+        ...
