@@ -1,9 +1,10 @@
 """The one error hierarchy of the payment path (re-exported by ``payment_handler``).
 
-It lives in its own module so that the store (``database_config``) and the transport
-(``connection_pool``) can raise it without importing ``payment_handler``. Errors are
-translated into these at two boundaries only: provider responses and transport errors
-in ``PaymentClient``; ``PaymentError`` to problem+json in the HTTP app.
+It lives in its own module so that the store (``database_config``), the provider
+adapters and the transport can raise it without importing ``payment_handler``. Errors are
+translated into these at the boundaries only: a provider's answers in its adapter
+(``providers/``), transport failures in ``payment_client``; and ``PaymentError`` to
+problem+json in the HTTP app (``service/problems.py``).
 """
 
 from __future__ import annotations

@@ -67,6 +67,29 @@ class StoredPayment:
     updated_at: datetime
     version: int
 
+    @classmethod
+    def pending(cls, new: NewPayment, now: datetime) -> StoredPayment:
+        """``new`` as step 1 stores it."""
+        return cls(
+            id=new.id,
+            idempotency_key=new.idempotency_key,
+            transaction_id=new.transaction_id,
+            request_fingerprint=new.fingerprint,
+            amount_minor=new.amount_minor,
+            currency=new.currency,
+            payment_method=new.payment_method,
+            description=new.description,
+            metadata=new.metadata,
+            status=PaymentStatus.PENDING,
+            provider_charge_id=None,
+            failure_code=None,
+            failure_message=None,
+            attempts=0,
+            created_at=now,
+            updated_at=now,
+            version=0,
+        )
+
 
 @dataclass(frozen=True)
 class Change:
@@ -262,59 +285,31 @@ class SqlPaymentStore:
     clock: Callable[[], datetime] = field(default=db.utcnow)
 
     def insert_pending(self, new: NewPayment) -> tuple[StoredPayment, bool]:
-        now = self.clock()
-        values = dict(
-            id=new.id,
-            idempotency_key=new.idempotency_key,
-            transaction_id=new.transaction_id,
-            request_fingerprint=new.fingerprint,
-            amount_minor=new.amount_minor,
-            currency=new.currency,
-            payment_method=new.payment_method,
-            description=new.description,
-            metadata_json=(
+        payment = StoredPayment.pending(new, self.clock())
+        values = {
+            **{
+                name: getattr(payment, name) for name in _PAYMENT_COLUMNS if name != "metadata_json"
+            },
+            "status": payment.status.value,
+            "metadata_json": (
                 json.dumps(new.metadata, sort_keys=True) if new.metadata is not None else None
             ),
-            status=PaymentStatus.PENDING.value,
-            attempts=0,
-            created_at=now,
-            updated_at=now,
-            version=0,
-        )
+        }
         try:
             with db.transaction() as conn:
                 if conn.dialect.name == "postgresql":
                     conn.execute(_CREATE_WITH_EVENT, values)
                 else:
                     conn.execute(_INSERT_PAYMENT, values)
-                    self._event(conn, new.id, None, PaymentStatus.PENDING, "created", now)
+                    self._event(
+                        conn, new.id, None, PaymentStatus.PENDING, "created", payment.created_at
+                    )
         except IntegrityError:
             existing = self.find_by_key(new.idempotency_key)
             if existing is None:
                 raise  # some other constraint: a bug, not a race
             return existing, False
-        return (
-            StoredPayment(
-                id=new.id,
-                idempotency_key=new.idempotency_key,
-                transaction_id=new.transaction_id,
-                request_fingerprint=new.fingerprint,
-                amount_minor=new.amount_minor,
-                currency=new.currency,
-                payment_method=new.payment_method,
-                description=new.description,
-                metadata=new.metadata,
-                status=PaymentStatus.PENDING,
-                provider_charge_id=None,
-                failure_code=None,
-                failure_message=None,
-                attempts=0,
-                created_at=now,
-                updated_at=now,
-                version=0,
-            ),
-            True,
-        )
+        return payment, True
 
     def find_by_key(self, idempotency_key: str) -> StoredPayment | None:
         with db.transaction() as conn:

@@ -37,7 +37,7 @@ class Row:
     scenario: str
     first: dict
     then: str
-    calls: int  # charge requests the sandbox received, first call and retry together
+    calls: int  # charge requests the sandbox received for the payment (the retry adds none)
     settled: str
     env: dict = field(default_factory=dict)
 
@@ -89,22 +89,24 @@ def test_unknown_payment_retried_without_a_provider_stays_unknown(row: Row, sand
     first = service.pay(key)
     sandbox.set_faults()
     assert first.status_code == 202 and first.json()["status"] == "unknown", first.text
-    calls = provider_calls(sandbox)
+    assert provider_calls(sandbox) == row.calls
 
     if row.then == "breaker open":
         open_the_breaker(service, sandbox)
         sandbox.set_faults()
+        before = provider_calls(sandbox)
         retry = service.pay(key)
     else:
         with refusing_port() as url:
             elsewhere = start_service(database_url=service.database_url, provider_url=url)
+            before = provider_calls(sandbox)
             retry = elsewhere.pay(key)
 
     assert retry.status_code == 202, retry.text
     assert retry.headers["Content-Type"] == "application/json"
     assert retry.json()["status"] == "unknown"
     assert payment_by_key(service.database_url, key)["status"] == "unknown"
-    assert provider_calls(sandbox) == calls == row.calls  # the retry charged nothing new
+    assert provider_calls(sandbox) == before  # the retry sent nothing to this provider
 
     report = service.reconcile(older_than=0)
     assert report["errors"] == 0

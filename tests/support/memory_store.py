@@ -59,25 +59,7 @@ class MemoryPaymentStore:
             if existing is not None:
                 return existing, False
             now = self.clock()
-            payment = StoredPayment(
-                id=new.id,
-                idempotency_key=new.idempotency_key,
-                transaction_id=new.transaction_id,
-                request_fingerprint=new.fingerprint,
-                amount_minor=new.amount_minor,
-                currency=new.currency,
-                payment_method=new.payment_method,
-                description=new.description,
-                metadata=new.metadata,
-                status=PaymentStatus.PENDING,
-                provider_charge_id=None,
-                failure_code=None,
-                failure_message=None,
-                attempts=0,
-                created_at=now,
-                updated_at=now,
-                version=0,
-            )
+            payment = StoredPayment.pending(new, now)
             self.payments[payment.id] = payment
             self._event(payment.id, None, PaymentStatus.PENDING, "created", now)
             return payment, True
