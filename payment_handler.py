@@ -46,6 +46,7 @@ from payment_request import PaymentRequest, build_request
 from payment_results import PaymentResult, ReconcileReport
 from payment_states import FailureCode, PaymentStatus, check_transition, is_resubmittable
 from payment_store import (
+    CHARGE,
     LOOKUP,
     Change,
     NewPayment,
@@ -164,16 +165,17 @@ class PaymentService:
     ) -> PaymentResult:
         """A call with a known key: replay it, re-submit it, or report the conflict."""
         with bind_log_context(payment_id=existing.id):
-            result = PaymentResult.from_stored(existing, replayed=True)
             if existing.request_fingerprint != request.fingerprint:
                 raise IdempotencyKeyReused(
                     "this idempotency key was already used for a different payment request",
-                    payment=result,
+                    payment=PaymentResult.from_stored(existing),
                 )
             if existing.status == PENDING:
                 raise PaymentInProgress(
-                    "a payment with this idempotency key is still in progress", payment=result
+                    "a payment with this idempotency key is still in progress",
+                    payment=PaymentResult.from_stored(existing),
                 )
+            result = PaymentResult.from_stored(existing, replayed=True)
             if not is_resubmittable(existing.status, existing.failure_code):
                 return self._replay(existing, result)
             refusal = refusal or self.client.refusal()
@@ -182,7 +184,8 @@ class PaymentService:
             claimed = self._move(existing, Change(PENDING, "resubmitted"))
             if claimed is None:
                 raise PaymentInProgress(
-                    "another call is re-submitting this payment", payment=result
+                    "another call is re-submitting this payment",
+                    payment=PaymentResult.from_stored(existing),
                 )
             log.info("re-submitting %s payment under the same idempotency key", existing.status)
             return self._charge(claimed, maybe_charged=existing.status == UNKNOWN)
@@ -234,11 +237,12 @@ class PaymentService:
             except BaseException as exc:
                 # A bug or an interrupt after the request may have gone out: the payment
                 # must not stay silently pending; reconciliation asks the provider.
-                self._store_outcome(stored, Change(UNKNOWN, f"unexpected_error: {exc!r}"[:255]))
+                reason = f"unexpected_error: {type(exc).__name__}"
+                self._store_outcome(stored, Change(UNKNOWN, reason))
                 raise
             if reply.value.status is ChargeStatus.PENDING:
                 metrics.observe_payment("pending")
-                updated = self.store.record_attempts(stored.id, reply.attempts, "charge")
+                updated = self.store.record_attempts(stored.id, reply.attempts, CHARGE)
                 return PaymentResult.from_stored(updated or stored)
             final = self._store_outcome(
                 stored,
