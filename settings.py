@@ -100,6 +100,7 @@ class Settings:
     database_url: str = variable(
         "DATABASE_URL", DEFAULT_DATABASE_URL,
         "SQLAlchemy URL; production: `postgresql+psycopg2://...`", parse=_url,
+        secret=True,  # it may carry the database password
     )
     db_pool: str = variable(
         "DB_POOL", "queue", "`queue`, or `null` for NullPool behind PgBouncer",
@@ -236,7 +237,8 @@ class Settings:
         """Rules beyond one value's type and bounds: other settings, modules, files."""
         if not self.database_url.startswith(("sqlite:", "postgresql")):
             raise ConfigError(
-                f"DATABASE_URL must start with sqlite: or postgresql, got {self.database_url!r}"
+                "DATABASE_URL must start with sqlite: or postgresql "
+                f"(it starts with {self.database_url.partition(':')[0][:20]!r})"
             )
         if not self.payment_api_url.startswith(("http://", "https://")):
             raise ConfigError(
