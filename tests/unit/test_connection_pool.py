@@ -15,13 +15,12 @@ from connection_pool import (
     READ,
     BoundedPoolAdapter,
     Bulkhead,
-    Watchdog,
-    WatchedConnectionMixin,
     build_retry,
     build_session,
     classify_error,
     send_with_retries,
 )
+from deadline_watchdog import AFTER_SENDING, BEFORE_SENDING, Watchdog, WatchedConnectionMixin
 
 URL = "http://provider.test/v1/charges"
 REFUSED = requests.exceptions.ConnectionError(
@@ -195,7 +194,7 @@ def test_watchdog_shuts_the_socket_of_an_attempt_still_receiving_at_its_deadline
     fake_clock.advance(0.1)
     assert watchdog.expire_due() is None
     assert conn.sock.shut.is_set()
-    assert watchdog.finish(watch) == READ
+    assert watchdog.finish(watch) == AFTER_SENDING
 
 
 def test_a_finished_watch_never_fires(watchdog, fake_clock):
@@ -244,11 +243,11 @@ def connect_and_send(watchdog, conn):
 @pytest.mark.parametrize(
     ("phase", "kind"),
     [
-        (lambda watchdog, conn: None, CONNECT),  # waiting to connect
-        (lambda watchdog, conn: start_connecting(watchdog, conn, handshake=False), CONNECT),
-        (lambda watchdog, conn: start_connecting(watchdog, conn, handshake=True), CONNECT),
-        (lambda watchdog, conn: watchdog.connecting(conn, False), CONNECT),  # nothing sent
-        (connect_and_send, READ),
+        (lambda watchdog, conn: None, BEFORE_SENDING),  # waiting to connect
+        (lambda watchdog, conn: start_connecting(watchdog, conn, handshake=False), BEFORE_SENDING),
+        (lambda watchdog, conn: start_connecting(watchdog, conn, handshake=True), BEFORE_SENDING),
+        (lambda watchdog, conn: watchdog.connecting(conn, False), BEFORE_SENDING),  # nothing sent
+        (connect_and_send, AFTER_SENDING),
     ],
     ids=["before_connect", "tcp_connect", "tls_handshake", "connected_not_sent", "sent"],
 )
@@ -289,7 +288,7 @@ def test_a_socket_opened_after_the_cut_is_shut_at_once(watchdog, fake_clock):
     sock = FakeSocket()
     watchdog.new_socket(conn, sock, handshake=False)
     assert sock.shut.is_set()
-    assert watchdog.finish(watch) == CONNECT
+    assert watchdog.finish(watch) == BEFORE_SENDING
 
 
 def test_a_connection_handed_out_after_the_deadline_is_cut_at_once(watchdog, fake_clock):
@@ -299,7 +298,7 @@ def test_a_connection_handed_out_after_the_deadline_is_cut_at_once(watchdog, fak
     conn = connected()
     watchdog.bind(conn, watch)
     assert conn.sock.shut.is_set()
-    assert watchdog.finish(watch) == CONNECT
+    assert watchdog.finish(watch) == BEFORE_SENDING
     assert watchdog.release(conn) is True  # the pool closes it instead of keeping it
 
 
