@@ -93,3 +93,23 @@ def fake_clock():
     from tests.support.clock import FakeClock
 
     return FakeClock()
+
+
+@pytest.fixture
+def restore_root_logging():
+    """Give the root logger back its handlers and level (and stop a CloudWatch handler)."""
+    import logging
+
+    import logging_setup
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    logging_setup.shutdown_logging(timeout=2.0)
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)

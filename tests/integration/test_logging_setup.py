@@ -57,20 +57,12 @@ def moto_server():
 
 
 @pytest.fixture(autouse=True)
-def restore_logging():
-    """Put back the root logger's handlers and level; let no delivery thread outlive a test."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+def restore_logging(restore_root_logging):
+    """The root logger as it was (``restore_root_logging``); no delivery thread outlives a test."""
     threads = set(threading.enumerate())
     yield
+    # Runs before restore_root_logging's teardown: stop the handlers' threads here first.
     shutdown_logging(timeout=2.0)
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
     deadline = time.monotonic() + 15
     for thread in set(threading.enumerate()) - threads:
         thread.join(max(0.0, deadline - time.monotonic()))

@@ -22,7 +22,6 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 
 import database_config
-import logging_setup
 import payment_handler
 import settings
 from log_context import current_log_context
@@ -543,18 +542,6 @@ def test_openapi_documents_every_route(client):
         for method in rule.methods - {"HEAD", "OPTIONS"}
     }
     assert served == documented
-
-
-@pytest.fixture
-def restore_root_logging():
-    """The CLI installs the service's log handlers on the root logger: take them off again."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    logging_setup.shutdown_logging()
-    for handler in set(root.handlers) - set(handlers):
-        root.removeHandler(handler)
-    root.setLevel(level)
 
 
 @pytest.mark.usefixtures("restore_root_logging")

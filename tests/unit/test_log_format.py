@@ -9,8 +9,6 @@ import re
 import sys
 import threading
 
-import pytest
-
 from log_context import bind_log_context
 from log_format import ContextFilter, JsonFormatter
 from logging_setup import configure_logging
@@ -18,21 +16,6 @@ from settings import Settings
 
 PAYMENT_TIMEOUT_TEXT = "Payment service connection failed - timeout after 5000ms"
 POOL_EXHAUSTED_TEXT = "Database query failed: connection pool exhausted"
-
-
-@pytest.fixture
-def restore_logging():
-    """Put back the root logger's handlers and level."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
 
 
 def _record(msg, args=(), exc_info=None, **extra) -> logging.LogRecord:
@@ -85,7 +68,7 @@ def test_context_filter_copies_the_bound_ids_and_lets_extra_fields_win():
     assert not hasattr(record, "transaction_id")
 
 
-def test_stderr_lines_carry_the_log_context(restore_logging, capsys):
+def test_stderr_lines_carry_the_log_context(restore_root_logging, capsys):
     configure_logging(Settings(cloudwatch_log_group="/payments/unit"), cloudwatch=False)
     with bind_log_context(request_id="req-7", payment_id="pay_7", transaction_id="txn-7"):
         logging.getLogger("database_config").error(POOL_EXHAUSTED_TEXT)
