@@ -105,6 +105,20 @@ class PaymentOutcomeUnknown(PaymentError, requests.exceptions.ConnectionError):
     code = "outcome_unknown"
 
 
+class RefundNotAllowed(PaymentError):
+    """The refund cannot be made: the payment is not ``succeeded`` (``payment_not_refundable``,
+    HTTP 409), or the amount is more than is left to refund (``amount_exceeds_refundable``,
+    HTTP 422). Nothing was refunded."""
+
+    http_status = 409
+    code = "payment_not_refundable"
+
+    def __init__(self, message: str, **kwargs):
+        super().__init__(message, **kwargs)
+        if self.code == "amount_exceeds_refundable":
+            self.http_status = 422
+
+
 class DatabaseUnavailable(PaymentError):
     """The payment store could not be reached, or its pool stayed exhausted.
 

@@ -84,6 +84,25 @@ FEWER_THAN_THREADS = Derived(
 )
 
 
+#: Defaults that depend on the provider: Stripe may take many seconds to confirm with an
+#: issuer, and forgets an idempotency key after 24 hours; the sandbox keeps keys forever.
+STRIPE_API_URL = "https://api.stripe.com"
+PROVIDER_API_URL = Derived(
+    "the sandbox; `https://api.stripe.com` for stripe",
+    lambda s: STRIPE_API_URL if s.payment_provider == "stripe" else DEFAULT_PAYMENT_API_URL,
+)
+PROVIDER_READ_TIMEOUT = Derived(
+    "`5`; `30` for stripe", lambda s: 30.0 if s.payment_provider == "stripe" else 5.0
+)
+PROVIDER_DEADLINE = Derived(
+    "`15`; `60` for stripe", lambda s: 60.0 if s.payment_provider == "stripe" else 15.0
+)
+PROVIDER_KEY_RETENTION = Derived(
+    "the provider's: `24` for stripe, unset (forever) for the sandbox",
+    lambda s: 24.0 if s.payment_provider == "stripe" else None,
+)
+
+
 def _url(text: str) -> str:
     return text.rstrip("/")
 
@@ -135,8 +154,7 @@ class Settings:
         parse=str.lower,
     )
     payment_api_url: str = variable(
-        "PAYMENT_API_URL", DEFAULT_PAYMENT_API_URL, "provider base URL",
-        parse=_url, note="(the sandbox)",
+        "PAYMENT_API_URL", PROVIDER_API_URL, "provider base URL", parse=_url
     )
     payment_api_key: str = variable(
         "PAYMENT_API_KEY", SANDBOX_API_KEY, "provider secret (never logged)",
@@ -146,10 +164,11 @@ class Settings:
         "PAYMENT_CONNECT_TIMEOUT", 3.05, "seconds per connect", positive=True, maximum=60
     )
     payment_read_timeout: float = variable(
-        "PAYMENT_READ_TIMEOUT", 5.0, "seconds per attempt's read", positive=True, maximum=300
+        "PAYMENT_READ_TIMEOUT", PROVIDER_READ_TIMEOUT, "seconds per attempt's read",
+        positive=True, maximum=300,
     )
     payment_deadline: float = variable(
-        "PAYMENT_DEADLINE", 15.0,
+        "PAYMENT_DEADLINE", PROVIDER_DEADLINE,
         "seconds for all attempts of one payment; at least `PAYMENT_CONNECT_TIMEOUT`",
         positive=True, maximum=600,
     )
@@ -175,6 +194,16 @@ class Settings:
     payment_breaker_reset: float = variable(
         "PAYMENT_BREAKER_RESET", 30.0, "seconds open before a trial call",
         positive=True, maximum=3600,
+    )
+    payment_webhook_secret: str | None = variable(
+        "PAYMENT_WEBHOOK_SECRET", None,
+        "the secret provider events are signed with (sandbox: `whsec_...`; Stripe: the "
+        "endpoint's signing secret)", secret=True, note="(webhooks refused)",
+    )
+    payment_key_retention: float | None = variable(
+        "PAYMENT_KEY_RETENTION", PROVIDER_KEY_RETENTION,
+        "hours the provider keeps an idempotency key; an older payment is looked up "
+        "before it is re-submitted", positive=True, maximum=24 * 365,
     )
     payment_currency: str = variable(
         "PAYMENT_CURRENCY", "USD", "default currency (one of `money.CURRENCIES`)",

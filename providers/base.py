@@ -63,6 +63,44 @@ class ChargeLookup:
     created_at: datetime
 
 
+class RefundStatus(StrEnum):
+    """A provider's refund in neutral terms."""
+
+    SUCCEEDED = "succeeded"  # the money went back
+    PENDING = "pending"  # accepted; the provider settles it later
+    FAILED = "failed"  # refused, canceled or reversed: no money went back
+
+
+@dataclass(frozen=True)
+class RefundRequest:
+    """One refund of a charge, in integer minor units, under its own idempotency key.
+
+    ``reason`` is the caller's text; an adapter maps it onto what its provider accepts.
+    """
+
+    refund_id: str
+    payment_id: str
+    idempotency_key: str
+    provider_charge_id: str
+    amount_minor: int
+    currency: str
+    reason: str | None
+    metadata: Mapping[str, Any] | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class RefundLookup:
+    """What we know of a refund when asking the provider for it."""
+
+    refund_id: str
+    payment_id: str
+    idempotency_key: str
+    provider_charge_id: str
+    provider_refund_id: str | None
+    created_at: datetime
+
+
 @dataclass(frozen=True)
 class ProviderCharge:
     """A charge as the provider reports it, checked and bounded on construction.
@@ -80,36 +118,76 @@ class ProviderCharge:
     failure_message: str | None = None
 
     def __post_init__(self) -> None:
-        charge_id = self.id
-        if (
-            not isinstance(charge_id, str)
-            or not 0 < len(charge_id) <= MAX_ID_LENGTH
-            or not charge_id.isascii()
-            or not charge_id.isprintable()
-        ):
-            raise InvalidProviderData(f"charge id {str(charge_id)[:40]!r} is not a provider id")
+        _check_id("charge", self.id)
         try:
             status = ChargeStatus(self.status)
         except ValueError:
             raise InvalidProviderData(
                 f"unexpected charge status {str(self.status)[:32]!r}"
             ) from None
-        amount = self.amount_minor
-        if amount is not None and (
-            isinstance(amount, bool) or not isinstance(amount, int) or amount < 0
-        ):
-            raise InvalidProviderData(f"charge amount {str(amount)[:32]!r} is not minor units")
-        currency = self.currency
-        if currency is not None:
-            if not isinstance(currency, str) or len(currency) != 3 or not currency.isalpha():
-                raise InvalidProviderData(f"charge currency {str(currency)[:8]!r} is not ISO 4217")
-            currency = currency.upper()
+        _check_amount("charge", self.amount_minor)
         object.__setattr__(self, "status", status)
-        object.__setattr__(self, "currency", currency)
+        object.__setattr__(self, "currency", _currency("charge", self.currency))
         object.__setattr__(self, "failure_code", _bounded(self.failure_code, MAX_CODE_LENGTH))
         object.__setattr__(
             self, "failure_message", _bounded(self.failure_message, MAX_MESSAGE_LENGTH)
         )
+
+
+@dataclass(frozen=True)
+class ProviderRefund:
+    """A refund as the provider reports it, checked and bounded like :class:`ProviderCharge`."""
+
+    id: str
+    status: RefundStatus
+    amount_minor: int | None = None
+    currency: str | None = None
+    charge_id: str | None = None
+    failure_code: str | None = None
+    failure_message: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_id("refund", self.id)
+        if self.charge_id is not None:
+            _check_id("charge", self.charge_id)
+        try:
+            status = RefundStatus(self.status)
+        except ValueError:
+            raise InvalidProviderData(
+                f"unexpected refund status {str(self.status)[:32]!r}"
+            ) from None
+        _check_amount("refund", self.amount_minor)
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "currency", _currency("refund", self.currency))
+        object.__setattr__(self, "failure_code", _bounded(self.failure_code, MAX_CODE_LENGTH))
+        object.__setattr__(
+            self, "failure_message", _bounded(self.failure_message, MAX_MESSAGE_LENGTH)
+        )
+
+
+def _check_id(what: str, value: object) -> None:
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= MAX_ID_LENGTH
+        or not value.isascii()
+        or not value.isprintable()
+    ):
+        raise InvalidProviderData(f"{what} id {str(value)[:40]!r} is not a provider id")
+
+
+def _check_amount(what: str, amount: object) -> None:
+    if amount is not None and (
+        isinstance(amount, bool) or not isinstance(amount, int) or amount < 0
+    ):
+        raise InvalidProviderData(f"{what} amount {str(amount)[:32]!r} is not minor units")
+
+
+def _currency(what: str, currency: object) -> str | None:
+    if currency is None:
+        return None
+    if not isinstance(currency, str) or len(currency) != 3 or not currency.isalpha():
+        raise InvalidProviderData(f"{what} currency {str(currency)[:8]!r} is not ISO 4217")
+    return currency.upper()
 
 
 def _bounded(text: object, limit: int) -> str | None:
@@ -118,6 +196,38 @@ def _bounded(text: object, limit: int) -> str | None:
         return None
     cleaned = "".join(c if c.isprintable() else " " for c in text[:limit]).strip()
     return cleaned or None
+
+
+class InvalidEvent(ValueError):
+    """A webhook delivery we cannot accept: missing, bad or stale signature, or a body
+    that is not an event. The message names the cause, never the secret or the body."""
+
+
+@dataclass(frozen=True)
+class ProviderEvent:
+    """A verified provider event in neutral terms.
+
+    ``charge`` or ``refund`` is the object the event reports, as the provider saw it at
+    ``created``; both ``None`` for a type we do not apply (stored and counted only).
+    ``lookup`` means the event only signals a change: ask the provider rather than trust
+    the payload. ``idempotency_key`` is our key for that object, as the provider echoes
+    it; a refund's ``charge_id`` is the id we store as the payment's
+    ``provider_charge_id``.
+    """
+
+    id: str
+    type: str
+    created: datetime
+    charge: ProviderCharge | None = None
+    refund: ProviderRefund | None = None
+    idempotency_key: str | None = None
+    lookup: bool = False
+
+    def __post_init__(self) -> None:
+        _check_id("event", self.id)
+        object.__setattr__(self, "type", _bounded(self.type, MAX_CODE_LENGTH) or "unknown")
+        if self.idempotency_key is not None:
+            _check_id("idempotency key", self.idempotency_key)
 
 
 @dataclass(frozen=True)
@@ -167,4 +277,22 @@ class PaymentProvider(Protocol):
     def find_charges(self, transport: Transport, lookup: ChargeLookup) -> list[ProviderCharge]:
         """Every charge the provider holds for the payment; empty only when the provider
         certainly never saw it (the lookup is strongly consistent)."""
+        ...
+
+    def refund(self, transport: Transport, request: RefundRequest) -> ProviderRefund:
+        """Refund once under ``request.idempotency_key``; the refund if ``succeeded`` or
+        ``pending``. A refund the provider refused or failed raises ``RefundNotAllowed``
+        (it has less left to refund) or ``PaymentDeclined``; otherwise as :meth:`charge`."""
+        ...
+
+    def find_refunds(self, transport: Transport, lookup: RefundLookup) -> list[ProviderRefund]:
+        """Every refund the provider holds under the refund's key; empty only when it
+        certainly never saw it."""
+        ...
+
+    def parse_event(
+        self, payload: bytes, headers: Mapping[str, str], secret: str, now: datetime
+    ) -> ProviderEvent:
+        """Verify a webhook delivery's signature (5 minutes of tolerance either way) and
+        only then read its body. Raises :class:`InvalidEvent`."""
         ...
