@@ -55,6 +55,9 @@ from providers.base import (
     InvalidProviderData,
     PaymentProvider,
     ProviderCharge,
+    ProviderRefund,
+    RefundLookup,
+    RefundRequest,
 )
 from settings import Settings, get_settings
 
@@ -62,7 +65,7 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_MESSAGE = "Payment service connection failed - timeout after %dms"
 #: Operation kinds, as the audit rows and metrics name them.
-CHARGE, LOOKUP = "charge", "lookup"
+CHARGE, LOOKUP, REFUND = "charge", "lookup", "refund"
 
 T = TypeVar("T")
 
@@ -230,6 +233,37 @@ class PaymentClient:
     def find_charges(self, lookup: ChargeLookup) -> Reply[list[ProviderCharge]]:
         """The provider's charges for a payment; an empty list: it never saw the key."""
         return self._run(LOOKUP, lambda t: self.provider.find_charges(t, lookup))
+
+    def refund(self, request: RefundRequest) -> Reply[ProviderRefund]:
+        """Refund once under ``request.idempotency_key``, whatever the retries.
+
+        Returns the refund (``succeeded`` or ``pending``). Raises ``RefundNotAllowed`` or
+        ``PaymentDeclined`` (certainly not refunded), ``PaymentServiceUnavailable``,
+        ``PaymentOutcomeUnknown`` (maybe refunded) or ``PaymentProviderError``.
+        """
+        reply = self._run(REFUND, lambda t: self.provider.refund(t, request), moves_money=True)
+        refunded = (reply.value.amount_minor, reply.value.currency)
+        if refunded[0] is not None and refunded != (request.amount_minor, request.currency):
+            log.critical(
+                "provider refunded %s %s for a refund of %s %s",
+                refunded[0],
+                refunded[1],
+                request.amount_minor,
+                request.currency,
+                extra={"provider_refund_id": reply.value.id},
+            )
+            raise PaymentOutcomeUnknown(
+                f"provider answered with refund {reply.value.id} for {refunded[0]} "
+                f"{refunded[1]}, not the {request.amount_minor} {request.currency} we sent; an "
+                "operator must check it",
+                code="provider_amount_mismatch",
+                attempts=reply.attempts,
+            )
+        return reply
+
+    def find_refunds(self, lookup: RefundLookup) -> Reply[list[ProviderRefund]]:
+        """The provider's refunds under a refund's key; an empty list: it never saw it."""
+        return self._run(LOOKUP, lambda t: self.provider.find_refunds(t, lookup))
 
     def refusal(self) -> PaymentServiceUnavailable | None:
         """The error an operation would fail with right now, without trying one.
