@@ -53,7 +53,7 @@ from sqlalchemy.types import TypeDecorator
 
 import settings
 from errors import DatabaseUnavailable
-from payment_states import PaymentStatus
+from payment_states import PaymentStatus, RefundState
 
 log = logging.getLogger(__name__)
 
@@ -449,7 +449,9 @@ def _track_checkouts(engine: Engine) -> None:
 # 5. Schema -------------------------------------------------------------------------------
 
 PAYMENT_STATUSES = tuple(status.value for status in PaymentStatus)
+REFUND_STATES = tuple(state.value for state in RefundState)
 ATTEMPT_KINDS = ("charge", "lookup")
+REFUND_ATTEMPT_KINDS = ("refund", "lookup")
 
 metadata = MetaData(
     naming_convention={
@@ -491,6 +493,14 @@ def _one_of(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
+#: No set of refunds can hold more than the payment's amount, or count as refunded more
+#: than they hold: the database itself keeps the ceiling, whatever the code does.
+REFUND_CEILING = (
+    "0 <= amount_refunded_minor AND amount_refunded_minor <= refund_reserved_minor "
+    "AND refund_reserved_minor <= amount_minor"
+)
+
+
 # BigInteger on PostgreSQL; SQLite autoincrements only an INTEGER PRIMARY KEY.
 _serial = BigInteger().with_variant(Integer, "sqlite")
 
@@ -517,37 +527,83 @@ payments = Table(
     Column("reconcile_lease_until", UTCDateTime),
     # Bumped by every status change: a reconciler settles only the version it looked up.
     Column("version", Integer, nullable=False, default=0, server_default=text("0")),
+    # The refund ceiling: refunds that are or may be moving money (pending, unknown,
+    # succeeded) hold their amount here; only a conditional UPDATE adds to it.
+    Column("refund_reserved_minor", BigInteger, nullable=False, server_default=text("0")),
+    Column("amount_refunded_minor", BigInteger, nullable=False, server_default=text("0")),
     CheckConstraint("amount_minor > 0", name="amount_positive"),
     CheckConstraint(_one_of("status", PAYMENT_STATUSES), name="status_valid"),
+    CheckConstraint(REFUND_CEILING, name="refunds_within_amount"),
     Index(None, "status", "updated_at"),  # reconciliation: oldest pending/unknown first
 )
 
-payment_attempts = Table(
-    "payment_attempts",
+refunds = Table(
+    "refunds",
     metadata,
-    Column("id", _serial, primary_key=True, autoincrement=True),
+    Column("id", String(40), primary_key=True),  # "ref_" + 24 hex
     Column("payment_id", String(40), ForeignKey("payments.id"), nullable=False, index=True),
-    Column("kind", String(16), nullable=False),
-    Column("attempt", Integer, nullable=False),
-    Column("started_at", UTCDateTime, nullable=False),
-    Column("duration_ms", Integer, nullable=False),
-    Column("http_status", Integer),
-    Column("error", String(255)),
-    Column("outcome", String(32), nullable=False),
-    CheckConstraint(_one_of("kind", ATTEMPT_KINDS), name="kind_valid"),
+    Column("idempotency_key", String(255), nullable=False, unique=True),
+    Column("request_fingerprint", String(64), nullable=False),
+    Column("amount_minor", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("reason", Text),
+    Column("metadata_json", Text),
+    Column("status", String(16), nullable=False),
+    Column("provider_refund_id", String(255)),
+    Column("failure_code", String(64)),
+    Column("failure_message", Text),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("reconcile_lease_until", UTCDateTime),
+    Column("version", Integer, nullable=False, server_default=text("0")),
+    CheckConstraint("amount_minor > 0", name="amount_positive"),
+    CheckConstraint(_one_of("status", REFUND_STATES), name="status_valid"),
+    Index(None, "status", "updated_at"),
 )
 
-payment_events = Table(
-    "payment_events",
-    metadata,
-    Column("id", _serial, primary_key=True, autoincrement=True),
-    Column("payment_id", String(40), ForeignKey("payments.id"), nullable=False, index=True),
-    Column("at", UTCDateTime, nullable=False, default=utcnow),
-    Column("from_status", String(16)),
-    Column("to_status", String(16), nullable=False),
-    Column("reason", String(255)),
-    CheckConstraint(_one_of("to_status", PAYMENT_STATUSES), name="to_status_valid"),
-)
+
+def _audit_tables(
+    owner: str, kinds: tuple[str, ...], states: tuple[str, ...]
+) -> tuple[Table, Table]:
+    """``<owner>_attempts`` (every provider request) and ``<owner>_events`` (every status
+    change) of ``<owner>s``: the audit trail, never updated or deleted."""
+
+    def owner_id() -> Column:
+        return Column(
+            f"{owner}_id", String(40), ForeignKey(f"{owner}s.id"), nullable=False, index=True
+        )
+
+    attempts = Table(
+        f"{owner}_attempts",
+        metadata,
+        Column("id", _serial, primary_key=True, autoincrement=True),
+        owner_id(),
+        Column("kind", String(16), nullable=False),
+        Column("attempt", Integer, nullable=False),
+        Column("started_at", UTCDateTime, nullable=False),
+        Column("duration_ms", Integer, nullable=False),
+        Column("http_status", Integer),
+        Column("error", String(255)),
+        Column("outcome", String(32), nullable=False),
+        CheckConstraint(_one_of("kind", kinds), name="kind_valid"),
+    )
+    events = Table(
+        f"{owner}_events",
+        metadata,
+        Column("id", _serial, primary_key=True, autoincrement=True),
+        owner_id(),
+        Column("at", UTCDateTime, nullable=False, default=utcnow),
+        Column("from_status", String(16)),
+        Column("to_status", String(16), nullable=False),
+        Column("reason", String(255)),
+        CheckConstraint(_one_of("to_status", states), name="to_status_valid"),
+    )
+    return attempts, events
+
+
+payment_attempts, payment_events = _audit_tables("payment", ATTEMPT_KINDS, PAYMENT_STATUSES)
+refund_attempts, refund_events = _audit_tables("refund", REFUND_ATTEMPT_KINDS, REFUND_STATES)
 
 
 def run_migrations(database_url: str | None = None) -> None:

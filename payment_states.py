@@ -1,7 +1,7 @@
-"""The vocabulary of a payment's life: its states, our failure codes, and the allowed moves.
+"""The vocabulary of a payment's and a refund's life: states, failure codes, allowed moves.
 
-Defined once here; the store, the lifecycle, the HTTP API and the schema's CHECK
-constraint all use these names (DESIGN.md section 4).
+Defined once here; the stores, the lifecycles, the HTTP API and the schema's CHECK
+constraints all use these names (DESIGN.md section 4).
 """
 
 from __future__ import annotations
@@ -69,6 +69,32 @@ TRANSITIONS: dict[PaymentStatus, frozenset[PaymentStatus]] = {
 }
 
 
+class RefundState(StrEnum):
+    """Where a refund stands; the same words as a payment's (``unknown``: ask the provider)."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+_RP, _RS, _RF, _RU = (
+    RefundState.PENDING,
+    RefundState.SUCCEEDED,
+    RefundState.FAILED,
+    RefundState.UNKNOWN,
+)
+
+#: Every status change a refund can make: a payment's, plus a reversal (the provider
+#: fails a refund after it succeeded, and the money is the customer's again).
+REFUND_TRANSITIONS: dict[RefundState, frozenset[RefundState]] = {
+    _RP: frozenset({_RS, _RF, _RU}),
+    _RU: frozenset({_RS, _RF, _RP}),
+    _RF: frozenset({_RP, _RS}),
+    _RS: frozenset({_RF}),
+}
+
+
 class TransitionRefused(RuntimeError):
     """A status change the lifecycle does not allow: a bug if it is ever raised."""
 
@@ -77,16 +103,27 @@ def check_transition(
     from_status: PaymentStatus | str, to_status: PaymentStatus | str, failure_code: str | None
 ) -> None:
     """Refuse a status change :data:`TRANSITIONS` (and its failure-code guards) forbid."""
-    source, target = PaymentStatus(from_status), PaymentStatus(to_status)
-    allowed = target in TRANSITIONS[source]
-    if allowed and source is _F:
-        if target is _P:
+    _check(TRANSITIONS, "payment", PaymentStatus(from_status), to_status, failure_code)
+
+
+def check_refund_transition(
+    from_status: RefundState | str, to_status: RefundState | str, failure_code: str | None
+) -> None:
+    """Refuse a refund status change :data:`REFUND_TRANSITIONS` (and its guards) forbid."""
+    _check(REFUND_TRANSITIONS, "refund", RefundState(from_status), to_status, failure_code)
+
+
+def _check(table, what: str, source, to_status, failure_code: str | None) -> None:
+    target = type(source)(to_status)
+    allowed = target in table[source]
+    if allowed and source == _F:
+        if target == _P:
             allowed = failure_code in RESUBMITTABLE
         else:
             allowed = failure_code == FailureCode.NOT_RECEIVED
     if not allowed:
         raise TransitionRefused(
-            f"a {source} payment (failure code {failure_code!r}) cannot become {target}"
+            f"a {source} {what} (failure code {failure_code!r}) cannot become {target}"
         )
 
 

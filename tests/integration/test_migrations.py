@@ -14,12 +14,20 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
 
 import database_config as db
 from tests.support.postgres import temporary_database
 
-TABLES = {"payments", "payment_attempts", "payment_events"}
+TABLES = {
+    "payments",
+    "payment_attempts",
+    "payment_events",
+    "refunds",
+    "refund_attempts",
+    "refund_events",
+}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -73,6 +81,36 @@ def test_migrated_schema_matches_the_table_definitions(database_url):
         return compare_metadata(context, db.metadata)
 
     assert inspect_schema(database_url, differences) == []
+
+
+@pytest.mark.parametrize(
+    "reserved, refunded",
+    [(1001, 0), (500, 501), (-1, -1), (0, -1)],
+    ids=["reserved over the amount", "refunded over reserved", "negative", "negative refunded"],
+)
+def test_the_database_refuses_refunds_beyond_the_payment(database_url, reserved, refunded):
+    db.run_migrations(database_url)
+    engine = create_engine(database_url, poolclass=NullPool)
+    now = db.utcnow()
+    row = dict(
+        id="pay_" + "0" * 24, idempotency_key="k", transaction_id="t", request_fingerprint="f",
+        amount_minor=1000, currency="USD", payment_method="card", status="succeeded",
+        created_at=now, updated_at=now,
+    )  # fmt: skip
+    try:
+        with engine.begin() as connection:
+            connection.execute(db.payments.insert(), row)
+            connection.execute(
+                db.payments.update().values(refund_reserved_minor=1000, amount_refunded_minor=1000)
+            )  # the whole amount is fine
+        with pytest.raises(IntegrityError), engine.begin() as connection:
+            connection.execute(
+                db.payments.update().values(
+                    refund_reserved_minor=reserved, amount_refunded_minor=refunded
+                )
+            )
+    finally:
+        engine.dispose()
 
 
 def test_downgrade_to_base_drops_the_tables(database_url):
