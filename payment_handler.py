@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import metrics
 from database_config import utcnow
@@ -51,11 +51,12 @@ from payment_store import (
     Change,
     NewPayment,
     PaymentStore,
-    ReconcileClaim,
     SqlPaymentStore,
     StoredPayment,
+    write_with_retries,
 )
 from providers.base import ChargeLookup, ChargeRequest, ChargeStatus, ProviderCharge
+from reconciliation import RECONCILE_BATCH, reconcile_pass
 from settings import Settings, get_settings
 
 __all__ = [
@@ -86,8 +87,6 @@ PENDING, SUCCEEDED, FAILED, UNKNOWN = (
 )
 #: Our payment ids: ``pay_`` and 24 hex digits. Anything else cannot exist.
 PAYMENT_ID = re.compile(r"pay_[0-9a-f]{24}")
-#: Payments one reconciliation batch leases and looks up.
-RECONCILE_BATCH = 20
 
 
 def new_payment_id() -> str:
@@ -300,30 +299,28 @@ class PaymentService:
     def _store_outcome(self, stored: StoredPayment, change: Change) -> StoredPayment:
         """Write step 3. A database blip here must not lose a charge that happened."""
         check_transition(stored.status, change.to_status, stored.failure_code)
-        delay = 0.1
-        for attempt in range(self.store_retries + 1):
-            try:
-                final = self.store.transition(stored, change)
-                return final or self._lost_race(stored, change)
-            except DatabaseUnavailable as exc:
-                if attempt == self.store_retries:
-                    log.error(
-                        "could not record the provider's answer (%s -> %s); the payment stays "
-                        "%s until reconcile_payments settles it",
-                        stored.status,
-                        change.to_status,
-                        stored.status,
-                        extra={"provider_charge_id": change.provider_charge_id},
-                    )
-                    raise PaymentOutcomeUnknown(
-                        "the provider answered but the outcome could not be stored; "
-                        "reconciliation will settle it",
-                        code="outcome_not_stored",
-                        payment=PaymentResult.from_stored(stored),
-                    ) from exc
-                self._sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
+        try:
+            final = write_with_retries(
+                lambda: self.store.transition(stored, change),
+                retries=self.store_retries,
+                sleep=self._sleep,
+            )
+        except DatabaseUnavailable as exc:
+            log.error(
+                "could not record the provider's answer (%s -> %s); the payment stays "
+                "%s until reconcile_payments settles it",
+                stored.status,
+                change.to_status,
+                stored.status,
+                extra={"provider_charge_id": change.provider_charge_id},
+            )
+            raise PaymentOutcomeUnknown(
+                "the provider answered but the outcome could not be stored; "
+                "reconciliation will settle it",
+                code="outcome_not_stored",
+                payment=PaymentResult.from_stored(stored),
+            ) from exc
+        return final or self._lost_race(stored, change)
 
     def _lost_race(self, stored: StoredPayment, change: Change) -> StoredPayment:
         """Someone settled the payment while we were charging it: keep the provider's truth.
@@ -371,66 +368,24 @@ class PaymentService:
     def reconcile(
         self, older_than_seconds: float = 60, *, batch_size: int = RECONCILE_BATCH
     ) -> ReconcileReport:
-        """One pass over the payments waiting for the provider's verdict.
-
-        Each payment is looked up at most once per run, in batches leased long enough
-        for every lookup in them to reach its deadline. The run stops (and frees what it
-        has not looked up) as soon as the provider is unavailable.
-        """
-        report = ReconcileReport()
-        settings = self.settings
-        started = self._now()
-        # A pending payment younger than this may still have its charge in flight: the
-        # provider cannot list an unfinished charge, so asking now would say "not received".
-        in_flight = settings.payment_deadline + settings.db_pool_timeout + 1
-        lease = max(60.0, batch_size * (settings.payment_deadline + 1))
-        after: tuple[datetime, str] | None = None
-        while True:
-            refusal = self.client.refusal()
-            if refusal is not None:
-                log.warning("reconciliation stopped: %s", refusal.message)
-                return report
-            batch = self.store.claim_for_reconciliation(
-                ReconcileClaim(
-                    unknown_before=started - timedelta(seconds=older_than_seconds),
-                    pending_before=started - timedelta(seconds=max(older_than_seconds, in_flight)),
-                    lease_until=self._now() + timedelta(seconds=lease),
-                    limit=batch_size,
-                    after=after,
-                )
-            )
-            if not batch:
-                return report
-            after = (batch[-1].updated_at, batch[-1].id)
-            if not self._reconcile_batch(batch, report):
-                return report
-
-    def _reconcile_batch(self, batch: Sequence[StoredPayment], report: ReconcileReport) -> bool:
-        """Look up each payment of ``batch``; ``False`` when the provider became unavailable."""
-        for index, payment in enumerate(batch):
-            refusal = self.client.refusal()
-            if refusal is not None:
-                rest = batch[index:]
-                self.store.release(p.id for p in rest)
-                report.deferred += len(rest)
-                log.warning(
-                    "reconciliation stopped with %d payments not looked up: %s",
-                    len(rest),
-                    refusal.message,
-                )
-                return False
-            report.examined += 1
-            with bind_log_context(payment_id=payment.id, transaction_id=payment.transaction_id):
-                try:
-                    self._reconcile_one(payment, report)
-                except DatabaseUnavailable:
-                    raise  # every other payment would fail the same way
-                except Exception:  # one bad payment must not stop the others
-                    report.errors += 1
-                    log.exception("could not reconcile this payment; the next run retries it")
-        return True
+        """One pass over the payments waiting for the provider's verdict
+        (:func:`reconciliation.reconcile_pass`)."""
+        return reconcile_pass(
+            settings=self.settings,
+            older_than_seconds=older_than_seconds,
+            now=self._now,
+            refusal=self.client.refusal,
+            claim=self.store.claim_for_reconciliation,
+            release=self.store.release,
+            settle=self._reconcile_one,
+            batch_size=batch_size,
+        )
 
     def _reconcile_one(self, payment: StoredPayment, report: ReconcileReport) -> None:
+        with bind_log_context(payment_id=payment.id, transaction_id=payment.transaction_id):
+            self._settle_with_provider(payment, report)
+
+    def _settle_with_provider(self, payment: StoredPayment, report: ReconcileReport) -> None:
         lookup = ChargeLookup(
             payment_id=payment.id,
             idempotency_key=payment.idempotency_key,

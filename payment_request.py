@@ -26,8 +26,8 @@ MAX_METADATA_BYTES = 8192
 MAX_KEY_LENGTH = 255
 
 
-def new_idempotency_key() -> str:
-    return f"pay-{uuid.uuid4()}"
+def new_idempotency_key(prefix: str = "pay") -> str:
+    return f"{prefix}-{uuid.uuid4()}"
 
 
 @dataclass(frozen=True)
@@ -48,19 +48,19 @@ class PaymentRequest:
 
         Taken over the masked text, so it holds no card number and a replay still matches.
         """
-        canonical = json.dumps(
-            [
-                self.amount_minor,
-                self.currency,
-                self.payment_method,
-                self.transaction_id,
-                self.description,
-                self.metadata,
-            ],
-            sort_keys=True,
-            separators=(",", ":"),
+        return _fingerprint(
+            self.amount_minor,
+            self.currency,
+            self.payment_method,
+            self.transaction_id,
+            self.description,
+            self.metadata,
         )
-        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _fingerprint(*fields) -> str:
+    canonical = json.dumps(list(fields), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _check_text(name: str, value, max_length: int, *, required: bool) -> str | None:
@@ -170,5 +170,49 @@ def build_request(
         transaction_id=transaction_id or key,
         idempotency_key=key,
         description=_mask_text(_check_text("description", description, 1000, required=False)),
+        metadata=_check_metadata(metadata),
+    )
+
+
+@dataclass(frozen=True)
+class CheckedRefund:
+    """A validated call of ``refund_payment``; ``amount_minor`` ``None``: what is left."""
+
+    payment_id: str
+    amount_minor: int | None
+    idempotency_key: str
+    reason: str | None
+    metadata: dict | None
+
+    @property
+    def fingerprint(self) -> str:
+        """What makes two calls with one key the same refund."""
+        return _fingerprint(self.payment_id, self.amount_minor, self.reason, self.metadata)
+
+
+def build_refund(
+    payment_id: str,
+    currency: str,
+    amount=None,
+    *,
+    idempotency_key=None,
+    reason=None,
+    metadata=None,
+    settings: Settings | None = None,
+) -> CheckedRefund:
+    """Validate a call of ``refund_payment`` for a payment in ``currency``."""
+    settings = settings or get_settings()
+    amount_minor = (
+        None
+        if amount is None
+        else to_minor_units(amount, currency, max_usd=settings.payment_max_amount)
+    )
+    if idempotency_key is not None:
+        _check_key("idempotency_key", idempotency_key)
+    return CheckedRefund(
+        payment_id=payment_id,
+        amount_minor=amount_minor,
+        idempotency_key=idempotency_key or new_idempotency_key("refund"),
+        reason=_mask_text(_check_text("reason", reason, 500, required=False)),
         metadata=_check_metadata(metadata),
     )

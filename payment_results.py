@@ -7,8 +7,9 @@ from datetime import datetime
 from decimal import Decimal
 
 from money import to_major_units
-from payment_states import PaymentStatus
+from payment_states import PaymentStatus, RefundState
 from payment_store import StoredPayment
+from refund_store import StoredRefund
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,16 @@ class PaymentResult:
     created_at: datetime | None = None
     updated_at: datetime | None = None
     replayed: bool = False
+    amount_refunded_minor: int = 0
 
     @property
     def amount(self) -> Decimal:
         return to_major_units(self.amount_minor, self.currency)
+
+    @property
+    def amount_refunded(self) -> Decimal:
+        """What the provider confirmed refunded (refunds still in flight are not in it)."""
+        return to_major_units(self.amount_refunded_minor, self.currency)
 
     @classmethod
     def from_stored(cls, payment: StoredPayment, *, replayed: bool = False) -> PaymentResult:
@@ -60,6 +67,52 @@ class PaymentResult:
             created_at=payment.created_at,
             updated_at=payment.updated_at,
             replayed=replayed,
+            amount_refunded_minor=payment.amount_refunded_minor,
+        )
+
+
+@dataclass(frozen=True)
+class RefundResult:
+    """A stored refund as callers see it (``amount`` in major units, like a payment's)."""
+
+    id: str
+    payment_id: str
+    status: RefundState
+    amount_minor: int
+    currency: str
+    idempotency_key: str
+    provider_refund_id: str | None
+    reason: str | None
+    attempts: int
+    metadata: dict | None = None
+    failure_code: str | None = None
+    failure_message: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    replayed: bool = False
+
+    @property
+    def amount(self) -> Decimal:
+        return to_major_units(self.amount_minor, self.currency)
+
+    @classmethod
+    def from_stored(cls, refund: StoredRefund, *, replayed: bool = False) -> RefundResult:
+        return cls(
+            id=refund.id,
+            payment_id=refund.payment_id,
+            status=refund.status,
+            amount_minor=refund.amount_minor,
+            currency=refund.currency,
+            idempotency_key=refund.idempotency_key,
+            provider_refund_id=refund.provider_refund_id,
+            reason=refund.reason,
+            attempts=refund.attempts,
+            metadata=refund.metadata,
+            failure_code=refund.failure_code,
+            failure_message=refund.failure_message,
+            created_at=refund.created_at,
+            updated_at=refund.updated_at,
+            replayed=replayed,
         )
 
 
@@ -74,6 +127,8 @@ class ReconcileReport:
     skipped: int = 0  # changed by someone else meanwhile: the verdict was stale
     errors: int = 0  # the lookup failed or its answer was unusable; the next run retries
     deferred: int = 0  # claimed but not looked up: the provider is unavailable
+    #: The same counts for refunds, when the run looked at refunds too.
+    refunds: ReconcileReport | None = None
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict:
         return asdict(self)

@@ -17,13 +17,14 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import and_, bindparam, func, literal, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 
 import database_config as db
 from connection_pool import Attempt
+from errors import DatabaseUnavailable
 from payment_states import PaymentStatus
 
 #: ``payment_attempts.kind``: a request that may move money, or a lookup by key.
@@ -66,6 +67,9 @@ class StoredPayment:
     created_at: datetime
     updated_at: datetime
     version: int
+    #: Held by refunds that are or may be moving money; the part the provider confirmed.
+    refund_reserved_minor: int = 0
+    amount_refunded_minor: int = 0
 
     @classmethod
     def pending(cls, new: NewPayment, now: datetime) -> StoredPayment:
@@ -252,27 +256,31 @@ def _from_row(row) -> StoredPayment:
         created_at=m["created_at"],
         updated_at=m["updated_at"],
         version=m["version"],
+        refund_reserved_minor=m["refund_reserved_minor"],
+        amount_refunded_minor=m["amount_refunded_minor"],
     )
 
 
-def attempt_row(payment_id: str, kind: str, attempt: Attempt) -> dict[str, Any]:
-    """The ``payment_attempts`` row of one provider request."""
+def attempt_row(
+    owner_id: str, kind: str, attempt: Attempt, owner: str = "payment_id"
+) -> dict[str, Any]:
+    """The ``payment_attempts`` (or ``refund_attempts``) row of one provider request."""
     if attempt.status is not None:
         outcome = "answered"
     elif attempt.timeout is not None:
         outcome = f"{attempt.error_kind}_timeout"
     else:
         outcome = f"{attempt.error_kind}_error"
-    return dict(
-        payment_id=payment_id,
-        kind=kind,
-        attempt=attempt.number,
-        started_at=attempt.started_at,
-        duration_ms=int(round(attempt.duration * 1000)),
-        http_status=attempt.status,
-        error=attempt.error,
-        outcome=outcome,
-    )
+    return {
+        owner: owner_id,
+        "kind": kind,
+        "attempt": attempt.number,
+        "started_at": attempt.started_at,
+        "duration_ms": int(round(attempt.duration * 1000)),
+        "http_status": attempt.status,
+        "error": attempt.error,
+        "outcome": outcome,
+    }
 
 
 @dataclass
@@ -373,47 +381,11 @@ class SqlPaymentStore:
         return _from_row(row) if row is not None else None
 
     def claim_for_reconciliation(self, claim: ReconcileClaim) -> list[StoredPayment]:
-        """Lease a batch with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL): reconcilers on
-        several hosts take disjoint batches, and no transaction stays open while one of
-        them asks the provider."""
-        now = self.clock()
-        p = db.payments.c
-        conditions = [
-            or_(
-                and_(p.status == PaymentStatus.UNKNOWN.value, p.updated_at < claim.unknown_before),
-                and_(p.status == PaymentStatus.PENDING.value, p.updated_at < claim.pending_before),
-            ),
-            or_(p.reconcile_lease_until.is_(None), p.reconcile_lease_until < now),
-        ]
-        if claim.after is not None:
-            conditions.append(tuple_(p.updated_at, p.id) > tuple_(*claim.after))
-        with db.transaction() as conn:
-            ids = conn.scalars(
-                select(p.id)
-                .where(*conditions)
-                .order_by(p.updated_at, p.id)
-                .limit(claim.limit)
-                .with_for_update(skip_locked=True)
-            ).all()
-            if not ids:
-                return []
-            rows = conn.execute(
-                db.payments.update()
-                .where(p.id.in_(ids))
-                .values(reconcile_lease_until=claim.lease_until)
-                .returning(*db.payments.c)
-            ).all()
+        rows = claim_batch(db.payments, claim, self.clock())
         return sorted((_from_row(r) for r in rows), key=lambda r: (r.updated_at, r.id))
 
     def release(self, payment_ids: Iterable[str]) -> None:
-        ids = list(payment_ids)
-        if ids:
-            with db.transaction() as conn:
-                conn.execute(
-                    db.payments.update()
-                    .where(db.payments.c.id.in_(ids))
-                    .values(reconcile_lease_until=None)
-                )
+        release_leases(db.payments, payment_ids)
 
     @staticmethod
     def _event(conn, payment_id, from_status, to_status, reason, at) -> None:
@@ -427,3 +399,68 @@ class SqlPaymentStore:
                 reason=(reason or None) and reason[:255],
             ),
         )
+
+
+def claim_batch(table, claim: ReconcileClaim, now: datetime) -> list:
+    """Lease a batch of ``table`` (payments or refunds) with ``FOR UPDATE SKIP LOCKED``
+    (PostgreSQL): reconcilers on several hosts take disjoint batches, and no transaction
+    stays open while one of them asks the provider."""
+    c = table.c
+    conditions = [
+        or_(
+            and_(c.status == PaymentStatus.UNKNOWN.value, c.updated_at < claim.unknown_before),
+            and_(c.status == PaymentStatus.PENDING.value, c.updated_at < claim.pending_before),
+        ),
+        or_(c.reconcile_lease_until.is_(None), c.reconcile_lease_until < now),
+    ]
+    if claim.after is not None:
+        conditions.append(tuple_(c.updated_at, c.id) > tuple_(*claim.after))
+    with db.transaction() as conn:
+        ids = conn.scalars(
+            select(c.id)
+            .where(*conditions)
+            .order_by(c.updated_at, c.id)
+            .limit(claim.limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if not ids:
+            return []
+        return list(
+            conn.execute(
+                table.update()
+                .where(c.id.in_(ids))
+                .values(reconcile_lease_until=claim.lease_until)
+                .returning(*table.c)
+            ).all()
+        )
+
+
+def release_leases(table, ids: Iterable[str]) -> None:
+    """Free the reconciliation leases of rows a run did not get to."""
+    ids = list(ids)
+    if ids:
+        with db.transaction() as conn:
+            conn.execute(
+                table.update().where(table.c.id.in_(ids)).values(reconcile_lease_until=None)
+            )
+
+
+T = TypeVar("T")
+
+
+def write_with_retries(
+    write: Callable[[], T], *, retries: int, sleep: Callable[[float], None]
+) -> T:
+    """``write()``, tried again (0.1 s, doubling) while the database is unavailable.
+
+    For step 3: the provider has answered, and a database blip must not lose what it
+    said. Raises the last ``DatabaseUnavailable`` when every try failed.
+    """
+    delay = 0.1
+    for _ in range(retries):
+        try:
+            return write()
+        except DatabaseUnavailable:
+            sleep(delay)
+            delay *= 2
+    return write()

@@ -1,0 +1,96 @@
+"""One reconciliation pass: the loop shared by payments and refunds.
+
+Rows (payments or refunds) waiting for the provider's verdict are leased in batches,
+oldest first, and each is looked up at most once per pass, even when a lease expires
+during the run (keyset on ``(updated_at, id)`` after the previous batch). A lease covers
+every lookup of its batch up to its deadline. The pass stops, and frees what it has not
+looked up, as soon as the provider is unavailable: asking it then would only fail.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Protocol, TypeVar
+
+from errors import DatabaseUnavailable, PaymentServiceUnavailable
+from payment_results import ReconcileReport
+from payment_store import ReconcileClaim
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Rows one reconciliation batch leases and looks up.
+RECONCILE_BATCH = 20
+
+
+class Reconcilable(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def updated_at(self) -> datetime: ...
+
+
+Row = TypeVar("Row", bound=Reconcilable)
+
+
+def in_flight_seconds(settings: Settings) -> float:
+    """How long a ``pending`` row's request may still be in flight: a provider cannot
+    list an unfinished charge or refund, so asking before would say "never saw it"."""
+    return settings.payment_deadline + settings.db_pool_timeout + 1
+
+
+def reconcile_pass(
+    *,
+    settings: Settings,
+    older_than_seconds: float,
+    now: Callable[[], datetime],
+    refusal: Callable[[], PaymentServiceUnavailable | None],
+    claim: Callable[[ReconcileClaim], Sequence[Row]],
+    release: Callable[[Iterable[str]], None],
+    settle: Callable[[Row, ReconcileReport], None],
+    batch_size: int = RECONCILE_BATCH,
+) -> ReconcileReport:
+    """Lease and ``settle`` every due row once; the counts of what happened."""
+    report = ReconcileReport()
+    started = now()
+    lease = max(60.0, batch_size * (settings.payment_deadline + 1))
+    pending_age = max(older_than_seconds, in_flight_seconds(settings))
+    after: tuple[datetime, str] | None = None
+    while True:
+        refused = refusal()
+        if refused is not None:
+            log.warning("reconciliation stopped: %s", refused.message)
+            return report
+        batch = claim(
+            ReconcileClaim(
+                unknown_before=started - timedelta(seconds=older_than_seconds),
+                pending_before=started - timedelta(seconds=pending_age),
+                lease_until=now() + timedelta(seconds=lease),
+                limit=batch_size,
+                after=after,
+            )
+        )
+        if not batch:
+            return report
+        after = (batch[-1].updated_at, batch[-1].id)
+        for index, row in enumerate(batch):
+            refused = refusal()
+            if refused is not None:
+                rest = batch[index:]
+                release(r.id for r in rest)
+                report.deferred += len(rest)
+                log.warning(
+                    "reconciliation stopped with %d not looked up: %s", len(rest), refused.message
+                )
+                return report
+            report.examined += 1
+            try:
+                settle(row, report)
+            except DatabaseUnavailable:
+                raise  # every other row would fail the same way
+            except Exception:  # one bad row must not stop the others
+                report.errors += 1
+                log.exception("could not reconcile %s; the next run retries it", row.id)

@@ -1,0 +1,381 @@
+"""Where refunds are kept, and the refund ceiling that the database enforces.
+
+A refund holds its amount on its payment's row (``refund_reserved_minor``) from the
+moment it is stored until it certainly failed; ``amount_refunded_minor`` counts what the
+provider confirmed. Every change to those two columns is one conditional UPDATE in the
+same short transaction as the refund's own change, and a CHECK constraint keeps
+``0 <= refunded <= reserved <= amount``: no interleaving of requests on any number of
+hosts can refund more than was charged, and no lock outlives the transaction.
+
+Like payments, every refund status change is conditional on the version that was read
+and writes a ``refund_events`` row; every provider request a ``refund_attempts`` row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from sqlalchemy import bindparam, func, select
+from sqlalchemy.exc import IntegrityError
+
+import database_config as db
+from connection_pool import Attempt
+from errors import RefundNotAllowed
+from money import to_major_units
+from payment_states import PaymentStatus, RefundState
+from payment_store import ReconcileClaim, attempt_row, claim_batch, release_leases
+
+#: ``refund_attempts.kind``: a request that may move money, or a lookup by key.
+REFUND, LOOKUP = "refund", "lookup"
+
+_P, _S, _F, _U = RefundState.PENDING, RefundState.SUCCEEDED, RefundState.FAILED, RefundState.UNKNOWN
+
+
+class PaymentNotFound(LookupError):
+    """No payment has this id (the lifecycle turns it into its own error)."""
+
+
+@dataclass(frozen=True)
+class NewRefund:
+    """A validated refund request; ``amount_minor`` ``None`` means what is left."""
+
+    id: str
+    payment_id: str
+    idempotency_key: str
+    fingerprint: str
+    amount_minor: int | None
+    reason: str | None
+    metadata: dict | None
+
+
+@dataclass(frozen=True)
+class StoredRefund:
+    """A ``refunds`` row."""
+
+    id: str
+    payment_id: str
+    idempotency_key: str
+    request_fingerprint: str
+    amount_minor: int
+    currency: str
+    reason: str | None
+    metadata: dict | None
+    status: RefundState
+    provider_refund_id: str | None
+    failure_code: str | None
+    failure_message: str | None
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    version: int
+
+
+@dataclass(frozen=True)
+class RefundChange:
+    """One refund status change and what it records with it."""
+
+    to_status: RefundState
+    reason: str
+    attempts: Sequence[Attempt] = ()
+    attempt_kind: str = REFUND
+    provider_refund_id: str | None = None
+    failure_code: str | None = None
+    failure_message: str | None = None
+
+
+def ceiling_moves(from_status: RefundState, to_status: RefundState) -> tuple[int, int]:
+    """How a change moves the payment's (reserved, refunded) amounts, in refund amounts.
+
+    Money that is or may be moving stays reserved; only a refund that certainly failed
+    gives its amount back, and one that comes back to life takes it again.
+    """
+    holding = {_P: (1, 0), _U: (1, 0), _S: (1, 1), _F: (0, 0)}
+    before, after = holding[from_status], holding[to_status]
+    return after[0] - before[0], after[1] - before[1]
+
+
+class RefundStore(Protocol):
+    """What the refund lifecycle needs; every method is its own short transaction."""
+
+    def reserve(self, new: NewRefund) -> tuple[StoredRefund, bool]:
+        """Store ``new`` as ``pending`` and reserve its amount on the payment, together.
+
+        ``(refund, True)``; ``(existing, False)`` when the key is taken. Raises
+        :class:`PaymentNotFound`, or ``RefundNotAllowed`` when the payment is not
+        ``succeeded`` or has less than the amount left to refund.
+        """
+        ...
+
+    def find_refund_by_key(self, idempotency_key: str) -> StoredRefund | None: ...
+
+    def find_refund(self, refund_id: str) -> StoredRefund | None: ...
+
+    def transition_refund(self, refund: StoredRefund, change: RefundChange) -> StoredRefund | None:
+        """Apply ``change`` if ``refund`` is unchanged since it was read, moving the
+        payment's amounts with it (:func:`ceiling_moves`); ``None`` if someone changed it
+        first. Raises ``RefundNotAllowed`` if a failed refund cannot take its amount back."""
+        ...
+
+    def record_refund_attempts(
+        self, refund_id: str, attempts: Sequence[Attempt], kind: str
+    ) -> StoredRefund | None: ...
+
+    def claim_refunds_for_reconciliation(self, claim: ReconcileClaim) -> list[StoredRefund]: ...
+
+    def release_refunds(self, refund_ids: Iterable[str]) -> None: ...
+
+
+def not_refundable(payment_id: str, status: str) -> RefundNotAllowed:
+    return RefundNotAllowed(
+        f"payment {payment_id} is {status}: only a succeeded payment can be refunded"
+    )
+
+
+def exceeds_refundable(amount: int | None, left: int, currency: str) -> RefundNotAllowed:
+    wanted = "a refund" if amount is None else f"a refund of {to_major_units(amount, currency)}"
+    return RefundNotAllowed(
+        f"{wanted} {currency} exceeds the {to_major_units(left, currency)} {currency} left to "
+        "refund on this payment",
+        code="amount_exceeds_refundable",
+    )
+
+
+# --------------------------------------------------------------------------- SQL
+
+_r = db.refunds.c
+_p = db.payments.c
+_SELECT_REFUND_BY_KEY = select(db.refunds).where(_r.idempotency_key == bindparam("key"))
+_SELECT_REFUND_BY_ID = select(db.refunds).where(_r.id == bindparam("refund_id"))
+_SELECT_PAYMENT = select(_p.status, _p.currency, _p.amount_minor, _p.refund_reserved_minor).where(
+    _p.id == bindparam("payment_id")
+)
+_MOVE_CEILING = (
+    db.payments.update()
+    .where(
+        _p.id == bindparam("payment_id"),
+        _p.status == PaymentStatus.SUCCEEDED.value,
+        _p.refund_reserved_minor + bindparam("reserve") <= _p.amount_minor,
+    )
+    .values(
+        refund_reserved_minor=_p.refund_reserved_minor + bindparam("reserve"),
+        amount_refunded_minor=_p.amount_refunded_minor + bindparam("refund"),
+    )
+    .returning(_p.id)
+)
+_SETTLE_REFUND = (
+    db.refunds.update()
+    .where(
+        _r.id == bindparam("refund_id"),
+        _r.version == bindparam("version"),
+        _r.status == bindparam("from_status"),
+    )
+    .values(
+        status=bindparam("to_status"),
+        version=_r.version + 1,
+        updated_at=bindparam("now"),
+        reconcile_lease_until=None,
+        failure_code=bindparam("new_failure_code"),
+        failure_message=bindparam("new_failure_message"),
+        provider_refund_id=func.coalesce(bindparam("provider_id"), _r.provider_refund_id),
+        attempts=_r.attempts + bindparam("refund_attempts"),
+    )
+    .returning(*db.refunds.c)
+)
+_COUNT_ATTEMPTS = (
+    db.refunds.update()
+    .where(_r.id == bindparam("refund_id"))
+    .values(attempts=_r.attempts + bindparam("refund_attempts"))
+    .returning(*db.refunds.c)
+)
+
+
+def _from_row(row) -> StoredRefund:
+    m = row._mapping
+    return StoredRefund(
+        id=m["id"],
+        payment_id=m["payment_id"],
+        idempotency_key=m["idempotency_key"],
+        request_fingerprint=m["request_fingerprint"],
+        amount_minor=m["amount_minor"],
+        currency=m["currency"],
+        reason=m["reason"],
+        metadata=json.loads(m["metadata_json"]) if m["metadata_json"] else None,
+        status=RefundState(m["status"]),
+        provider_refund_id=m["provider_refund_id"],
+        failure_code=m["failure_code"],
+        failure_message=m["failure_message"],
+        attempts=m["attempts"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        version=m["version"],
+    )
+
+
+@dataclass
+class SqlRefundStore:
+    """:class:`RefundStore` in the service's database.
+
+    :param clock: the time written into rows and compared with leases (aware UTC).
+    """
+
+    clock: Callable[[], datetime] = field(default=db.utcnow)
+
+    def reserve(self, new: NewRefund) -> tuple[StoredRefund, bool]:
+        try:
+            with db.transaction() as conn:
+                existing = conn.execute(_SELECT_REFUND_BY_KEY, {"key": new.idempotency_key}).first()
+                if existing is not None:
+                    return _from_row(existing), False
+                payment = conn.execute(_SELECT_PAYMENT, {"payment_id": new.payment_id}).first()
+                if payment is None:
+                    raise PaymentNotFound(new.payment_id)
+                if payment.status != PaymentStatus.SUCCEEDED:
+                    raise not_refundable(new.payment_id, payment.status)
+                left = payment.amount_minor - payment.refund_reserved_minor
+                amount = left if new.amount_minor is None else new.amount_minor
+                moved = (
+                    amount > 0
+                    and conn.execute(
+                        _MOVE_CEILING,
+                        {"payment_id": new.payment_id, "reserve": amount, "refund": 0},
+                    ).first()
+                )
+                if not moved:
+                    # Someone else reserved in between: say what is left now.
+                    now_left = left if amount <= 0 else self._left(conn, new.payment_id)
+                    raise exceeds_refundable(new.amount_minor, now_left, payment.currency)
+                now = self.clock()
+                refund = StoredRefund(
+                    id=new.id,
+                    payment_id=new.payment_id,
+                    idempotency_key=new.idempotency_key,
+                    request_fingerprint=new.fingerprint,
+                    amount_minor=amount,
+                    currency=payment.currency,
+                    reason=new.reason,
+                    metadata=new.metadata,
+                    status=_P,
+                    provider_refund_id=None,
+                    failure_code=None,
+                    failure_message=None,
+                    attempts=0,
+                    created_at=now,
+                    updated_at=now,
+                    version=0,
+                )
+                values = {
+                    **refund.__dict__,
+                    "status": _P.value,
+                    "metadata_json": json.dumps(new.metadata, sort_keys=True)
+                    if new.metadata is not None
+                    else None,
+                }
+                del values["metadata"]
+                conn.execute(db.refunds.insert(), values)
+                self._event(conn, refund.id, None, _P, "created", now)
+        except IntegrityError:
+            raced = self.find_refund_by_key(new.idempotency_key)
+            if raced is None:
+                raise  # some other constraint: a bug, not a race
+            return raced, False
+        return refund, True
+
+    @staticmethod
+    def _left(conn, payment_id: str) -> int:
+        row = conn.execute(_SELECT_PAYMENT, {"payment_id": payment_id}).first()
+        return row.amount_minor - row.refund_reserved_minor
+
+    def find_refund_by_key(self, idempotency_key: str) -> StoredRefund | None:
+        with db.transaction() as conn:
+            row = conn.execute(_SELECT_REFUND_BY_KEY, {"key": idempotency_key}).first()
+        return _from_row(row) if row is not None else None
+
+    def find_refund(self, refund_id: str) -> StoredRefund | None:
+        with db.transaction() as conn:
+            row = conn.execute(_SELECT_REFUND_BY_ID, {"refund_id": refund_id}).first()
+        return _from_row(row) if row is not None else None
+
+    def transition_refund(self, refund: StoredRefund, change: RefundChange) -> StoredRefund | None:
+        refund_attempts = len(change.attempts) if change.attempt_kind == REFUND else 0
+        params = dict(
+            refund_id=refund.id,
+            version=refund.version,
+            from_status=refund.status.value,
+            to_status=change.to_status.value,
+            now=self.clock(),
+            new_failure_code=change.failure_code,
+            new_failure_message=change.failure_message,
+            provider_id=change.provider_refund_id,
+            refund_attempts=refund_attempts,
+        )
+        reserve, refunded = ceiling_moves(refund.status, change.to_status)
+        with db.transaction() as conn:
+            if change.attempts:
+                rows = [
+                    attempt_row(refund.id, change.attempt_kind, a, owner="refund_id")
+                    for a in change.attempts
+                ]
+                conn.execute(db.refund_attempts.insert(), rows)
+            row = conn.execute(_SETTLE_REFUND, params).first()
+            if row is None:
+                if refund_attempts:
+                    conn.execute(_COUNT_ATTEMPTS, params)
+                return None
+            if (reserve, refunded) != (0, 0):
+                moved = conn.execute(
+                    _MOVE_CEILING,
+                    {
+                        "payment_id": refund.payment_id,
+                        "reserve": reserve * refund.amount_minor,
+                        "refund": refunded * refund.amount_minor,
+                    },
+                ).first()
+                if moved is None:  # only taking an amount back can fail: rolls back it all
+                    raise exceeds_refundable(
+                        refund.amount_minor, self._left(conn, refund.payment_id), refund.currency
+                    )
+            self._event(
+                conn, refund.id, refund.status, change.to_status, change.reason, params["now"]
+            )
+        return _from_row(row)
+
+    def record_refund_attempts(
+        self, refund_id: str, attempts: Sequence[Attempt], kind: str
+    ) -> StoredRefund | None:
+        if not attempts:
+            return self.find_refund(refund_id) if kind == REFUND else None
+        with db.transaction() as conn:
+            conn.execute(
+                db.refund_attempts.insert(),
+                [attempt_row(refund_id, kind, a, owner="refund_id") for a in attempts],
+            )
+            if kind != REFUND:
+                return None
+            row = conn.execute(
+                _COUNT_ATTEMPTS, {"refund_id": refund_id, "refund_attempts": len(attempts)}
+            ).first()
+        return _from_row(row) if row is not None else None
+
+    def claim_refunds_for_reconciliation(self, claim: ReconcileClaim) -> list[StoredRefund]:
+        rows = claim_batch(db.refunds, claim, self.clock())
+        return sorted((_from_row(r) for r in rows), key=lambda r: (r.updated_at, r.id))
+
+    def release_refunds(self, refund_ids: Iterable[str]) -> None:
+        release_leases(db.refunds, refund_ids)
+
+    @staticmethod
+    def _event(conn, refund_id, from_status, to_status, reason, at) -> None:
+        conn.execute(
+            db.refund_events.insert(),
+            dict(
+                refund_id=refund_id,
+                at=at,
+                from_status=from_status.value if from_status is not None else None,
+                to_status=to_status.value,
+                reason=(reason or None) and reason[:255],
+            ),
+        )
