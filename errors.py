@@ -13,29 +13,44 @@ import requests
 
 
 class PaymentError(Exception):
-    """Root of every error ``process_payment`` raises.
+    """Root of every error ``process_payment`` and ``refund_payment`` raise.
 
     ``code`` is a stable machine-readable reason; ``payment`` is the stored
-    ``PaymentResult`` when there is one; ``http_status`` is what the HTTP API answers.
+    ``PaymentResult`` and ``refund`` the stored ``RefundResult`` when there is one;
+    ``http_status`` is what the HTTP API answers.
     """
 
     http_status = 500
     code = "payment_error"
 
-    def __init__(self, message: str, *, code: str | None = None, payment=None, attempts=None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        payment=None,
+        refund=None,
+        attempts=None,
+    ):
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         self.payment = payment
+        self.refund = refund
         self.attempts = list(attempts or [])
 
     @property
     def payment_id(self) -> str | None:
-        return getattr(self.payment, "id", None)
+        return getattr(self.payment, "id", None) or getattr(self.refund, "payment_id", None)
+
+    @property
+    def refund_id(self) -> str | None:
+        return getattr(self.refund, "id", None)
 
     def __str__(self) -> str:
-        return f"[payment {self.payment_id}] {self.message}" if self.payment_id else self.message
+        where = f"refund {self.refund_id}" if self.refund_id else f"payment {self.payment_id}"
+        return f"[{where}] {self.message}" if self.payment_id else self.message
 
 
 class InvalidPaymentRequest(PaymentError, ValueError):
@@ -67,6 +82,19 @@ class PaymentDeclined(PaymentError):
 
     http_status = 402
     code = "card_declined"
+
+
+class RefundDeclined(PaymentDeclined):
+    """The provider refused or failed the refund; stored as ``failed``, nothing refunded."""
+
+    code = "refund_failed"
+
+
+class PaymentNotFound(PaymentError, LookupError):
+    """No payment has this id."""
+
+    http_status = 404
+    code = "payment_not_found"
 
 
 class PaymentProviderError(PaymentError):

@@ -16,6 +16,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from circuit_breaker import STATE_VALUES
 
 PAYMENTS = Counter("payments_total", "Payments by final outcome of this call", ["outcome"])
+REFUNDS = Counter("refunds_total", "Refunds by outcome of this call", ["outcome"])
 PROVIDER_REQUESTS = Counter(
     "payment_provider_requests_total",
     "Requests sent to the payment provider, by kind and result",
@@ -68,6 +69,11 @@ def observe_provider_attempt(kind: str, attempt) -> None:
 def observe_payment(outcome: str) -> None:
     """Count one ``process_payment`` call by outcome (succeeded, declined, unknown, ...)."""
     PAYMENTS.labels(outcome).inc()
+
+
+def observe_refund(outcome: str) -> None:
+    """Count one ``refund_payment`` call by outcome (succeeded, failed, unknown, ...)."""
+    REFUNDS.labels(outcome).inc()
 
 
 def observe_http_request(method: str, route: str, status: int, seconds: float) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 import uuid
@@ -36,14 +35,17 @@ from errors import (
     PaymentDeclined,
     PaymentError,
     PaymentInProgress,
+    PaymentNotFound,
     PaymentOutcomeUnknown,
     PaymentProviderError,
     PaymentServiceUnavailable,
+    RefundDeclined,
+    RefundNotAllowed,
 )
 from log_context import bind_log_context
 from payment_client import PaymentClient
-from payment_request import PaymentRequest, build_request
-from payment_results import PaymentResult, ReconcileReport
+from payment_request import PAYMENT_ID, REFUND_ID, PaymentRequest, build_request
+from payment_results import PaymentResult, ReconcileReport, RefundResult
 from payment_states import FailureCode, PaymentStatus, check_transition, is_resubmittable
 from payment_store import (
     CHARGE,
@@ -57,6 +59,8 @@ from payment_store import (
 )
 from providers.base import ChargeLookup, ChargeRequest, ChargeStatus, ProviderCharge
 from reconciliation import RECONCILE_BATCH, reconcile_pass
+from refund_store import RefundStore, SqlRefundStore
+from refunds import RefundService
 from settings import Settings, get_settings
 
 __all__ = [
@@ -67,14 +71,20 @@ __all__ = [
     "PaymentDeclined",
     "PaymentError",
     "PaymentInProgress",
+    "PaymentNotFound",
     "PaymentOutcomeUnknown",
     "PaymentProviderError",
     "PaymentResult",
     "PaymentServiceUnavailable",
     "ReconcileReport",
+    "RefundDeclined",
+    "RefundNotAllowed",
+    "RefundResult",
     "get_payment",
+    "get_refund",
     "process_payment",
     "reconcile_payments",
+    "refund_payment",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,8 +95,6 @@ PENDING, SUCCEEDED, FAILED, UNKNOWN = (
     PaymentStatus.FAILED,
     PaymentStatus.UNKNOWN,
 )
-#: Our payment ids: ``pay_`` and 24 hex digits. Anything else cannot exist.
-PAYMENT_ID = re.compile(r"pay_[0-9a-f]{24}")
 
 
 def new_payment_id() -> str:
@@ -100,6 +108,7 @@ class PaymentService:
     :param client: the provider client (default: the provider ``PAYMENT_PROVIDER`` names,
         over the process's pooled session).
     :param store: where payments are kept (default: the service's database).
+    :param refund_store: where refunds are kept (default: the service's database).
     :param now: wall-clock time (aware UTC) for reconciliation cut-offs and leases.
     :param sleep: waits between attempts to store an outcome.
     :param store_retries: how often to retry recording an outcome if the database blips
@@ -112,6 +121,7 @@ class PaymentService:
         *,
         client: PaymentClient | None = None,
         store: PaymentStore | None = None,
+        refund_store: RefundStore | None = None,
         now: Callable[[], datetime] = utcnow,
         sleep: Callable[[float], None] = time.sleep,
         store_retries: int = 3,
@@ -121,6 +131,15 @@ class PaymentService:
         self.store: PaymentStore = store if store is not None else SqlPaymentStore()
         self._now, self._sleep = now, sleep
         self.store_retries = store_retries
+        self.refunds = RefundService(
+            self.settings,
+            client=self.client,
+            payments=self.store,
+            store=refund_store if refund_store is not None else SqlRefundStore(),
+            now=now,
+            sleep=sleep,
+            store_retries=store_retries,
+        )
 
     @property
     def breaker_state(self) -> str:
@@ -539,8 +558,36 @@ def get_payment(payment_id: str) -> PaymentResult | None:
     return PaymentResult.from_stored(stored) if stored is not None else None
 
 
+def refund_payment(
+    payment_id, amount=None, *, idempotency_key=None, reason=None, metadata=None
+) -> RefundResult:
+    """Refund a ``succeeded`` payment: all that is left (``amount=None``) or part of it.
+
+    ``amount`` is in major units like ``process_payment``'s. Refunds of one payment never
+    add up to more than it was charged, whatever runs concurrently on any host. Returns
+    the refund (``succeeded``, or ``pending`` while the provider processes it). Raises
+    ``PaymentNotFound``, ``RefundNotAllowed`` (not ``succeeded``, or more than is left;
+    nothing sent), ``InvalidPaymentRequest``, ``RefundDeclined``,
+    ``PaymentServiceUnavailable`` (not refunded), ``PaymentOutcomeUnknown`` (maybe
+    refunded; retrying with the same ``idempotency_key`` is safe), ``PaymentInProgress``,
+    ``IdempotencyKeyReused`` or ``DatabaseUnavailable``.
+    """
+    return get_payment_service().refunds.refund_payment(
+        payment_id, amount, idempotency_key=idempotency_key, reason=reason, metadata=metadata
+    )
+
+
+def get_refund(refund_id: str) -> RefundResult | None:
+    """The stored refund with this id, or ``None``."""
+    if not isinstance(refund_id, str) or not REFUND_ID.fullmatch(refund_id):
+        return None
+    stored = get_payment_service().refunds.store.find_refund(refund_id)
+    return RefundResult.from_stored(stored) if stored is not None else None
+
+
 def reconcile_payments(older_than_seconds: float = 60) -> ReconcileReport:
-    """Settle ``pending``/``unknown`` payments older than the threshold with the provider.
+    """Settle ``pending``/``unknown`` payments and refunds older than the threshold with
+    the provider (refunds in ``report.refunds``).
 
     One pass: every payment is looked up at most once per run, and the run ends early
     while the provider is unavailable. A ``pending`` payment is left alone until its
@@ -551,4 +598,7 @@ def reconcile_payments(older_than_seconds: float = 60) -> ReconcileReport:
     """
     if older_than_seconds < 0:
         raise InvalidPaymentRequest("older_than_seconds must not be negative")
-    return get_payment_service().reconcile(older_than_seconds)
+    service = get_payment_service()
+    report = service.reconcile(older_than_seconds)
+    report.refunds = service.refunds.reconcile(older_than_seconds)
+    return report

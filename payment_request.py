@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ from money import to_minor_units
 from redaction import mask_card_numbers
 from settings import Settings, get_settings
 
+#: Our payment and refund ids: a prefix and 24 hex digits. Anything else cannot exist,
+#: and is answered without asking the store.
+PAYMENT_ID = re.compile(r"pay_[0-9a-f]{24}")
+REFUND_ID = re.compile(r"ref_[0-9a-f]{24}")
 MAX_METADATA_BYTES = 8192
 MAX_KEY_LENGTH = 255
 

@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 
 import database_config as db
 from connection_pool import Attempt
-from errors import RefundNotAllowed
+from errors import PaymentNotFound, RefundNotAllowed
 from money import to_major_units
 from payment_states import PaymentStatus, RefundState
 from payment_store import ReconcileClaim, attempt_row, claim_batch, release_leases
@@ -33,10 +33,6 @@ from payment_store import ReconcileClaim, attempt_row, claim_batch, release_leas
 REFUND, LOOKUP = "refund", "lookup"
 
 _P, _S, _F, _U = RefundState.PENDING, RefundState.SUCCEEDED, RefundState.FAILED, RefundState.UNKNOWN
-
-
-class PaymentNotFound(LookupError):
-    """No payment has this id (the lifecycle turns it into its own error)."""
 
 
 @dataclass(frozen=True)
@@ -232,7 +228,7 @@ class SqlRefundStore:
                     return _from_row(existing), False
                 payment = conn.execute(_SELECT_PAYMENT, {"payment_id": new.payment_id}).first()
                 if payment is None:
-                    raise PaymentNotFound(new.payment_id)
+                    raise PaymentNotFound(f"there is no payment {new.payment_id}")
                 if payment.status != PaymentStatus.SUCCEEDED:
                     raise not_refundable(new.payment_id, payment.status)
                 left = payment.amount_minor - payment.refund_reserved_minor

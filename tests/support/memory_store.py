@@ -1,9 +1,9 @@
-"""An in-memory ``PaymentStore`` for unit tests of the lifecycle.
+"""In-memory ``PaymentStore`` and ``RefundStore`` for unit tests of the lifecycles.
 
-It keeps the SQL store's contract (``tests/integration/test_payment_store_contract.py``
+They keep the SQL stores' contract (``tests/integration/test_payment_store_contract.py``
 runs the same checks against both): unique keys, version-conditional changes, one event
-per change, attempts recorded whether or not the change applies, leases. It can also be
-told to fail like a database that is down.
+per change, attempts recorded whether or not the change applies, leases, and the refund
+ceiling on the payment. They can also be told to fail like a database that is down.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from connection_pool import Attempt
-from errors import DatabaseUnavailable
-from payment_states import PaymentStatus
+from errors import DatabaseUnavailable, PaymentNotFound
+from payment_states import PaymentStatus, RefundState
 from payment_store import (
     CHARGE,
     Change,
@@ -23,6 +23,15 @@ from payment_store import (
     ReconcileClaim,
     StoredPayment,
     attempt_row,
+)
+from refund_store import (
+    REFUND,
+    NewRefund,
+    RefundChange,
+    StoredRefund,
+    ceiling_moves,
+    exceeds_refundable,
+    not_refundable,
 )
 
 
@@ -117,24 +126,7 @@ class MemoryPaymentStore:
     def claim_for_reconciliation(self, claim: ReconcileClaim) -> list[StoredPayment]:
         self._enter("claim_for_reconciliation")
         with self._lock:
-            now = self.clock()
-
-            def due(p: StoredPayment) -> bool:
-                lease = self.leases.get(p.id)
-                if lease is not None and lease >= now:
-                    return False
-                if claim.after is not None and (p.updated_at, p.id) <= claim.after:
-                    return False
-                if p.status == PaymentStatus.UNKNOWN:
-                    return p.updated_at < claim.unknown_before
-                return p.status == PaymentStatus.PENDING and p.updated_at < claim.pending_before
-
-            batch = sorted(
-                (p for p in self.payments.values() if due(p)), key=lambda p: (p.updated_at, p.id)
-            )[: claim.limit]
-            for p in batch:
-                self.leases[p.id] = claim.lease_until
-            return batch
+            return _claim(self.payments.values(), self.leases, claim, self.clock())
 
     def release(self, payment_ids: Iterable[str]) -> None:
         self._enter("release")
@@ -168,6 +160,155 @@ class MemoryPaymentStore:
         self.events.append(
             dict(
                 payment_id=payment_id,
+                at=at,
+                from_status=from_status.value if from_status is not None else None,
+                to_status=to_status.value,
+                reason=reason,
+            )
+        )
+
+
+def _claim(rows, leases: dict[str, datetime], claim: ReconcileClaim, now: datetime) -> list:
+    def due(row) -> bool:
+        lease = leases.get(row.id)
+        if lease is not None and lease >= now:
+            return False
+        if claim.after is not None and (row.updated_at, row.id) <= claim.after:
+            return False
+        if row.status == PaymentStatus.UNKNOWN:
+            return row.updated_at < claim.unknown_before
+        return row.status == PaymentStatus.PENDING and row.updated_at < claim.pending_before
+
+    batch = sorted((r for r in rows if due(r)), key=lambda r: (r.updated_at, r.id))[: claim.limit]
+    for row in batch:
+        leases[row.id] = claim.lease_until
+    return batch
+
+
+@dataclass
+class MemoryRefundStore:
+    """:class:`refund_store.RefundStore` in a dict, reserving on ``payments``' rows."""
+
+    payments: MemoryPaymentStore
+    refunds: dict[str, StoredRefund] = field(default_factory=dict)
+    leases: dict[str, datetime] = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)
+    attempts: list[dict] = field(default_factory=list)
+
+    def reserve(self, new: NewRefund) -> tuple[StoredRefund, bool]:
+        self.payments._enter("reserve")
+        with self.payments._lock:
+            existing = self.find_refund_by_key(new.idempotency_key)
+            if existing is not None:
+                return existing, False
+            payment = self.payments.payments.get(new.payment_id)
+            if payment is None:
+                raise PaymentNotFound(f"there is no payment {new.payment_id}")
+            if payment.status != PaymentStatus.SUCCEEDED:
+                raise not_refundable(payment.id, payment.status)
+            left = payment.amount_minor - payment.refund_reserved_minor
+            amount = left if new.amount_minor is None else new.amount_minor
+            if not 0 < amount <= left:
+                raise exceeds_refundable(new.amount_minor, left, payment.currency)
+            self._move_ceiling(payment.id, amount, 0)
+            now = self.payments.clock()
+            refund = StoredRefund(
+                id=new.id, payment_id=payment.id, idempotency_key=new.idempotency_key,
+                request_fingerprint=new.fingerprint, amount_minor=amount,
+                currency=payment.currency, reason=new.reason, metadata=new.metadata,
+                status=RefundState.PENDING, provider_refund_id=None, failure_code=None,
+                failure_message=None, attempts=0, created_at=now, updated_at=now, version=0,
+            )  # fmt: skip
+            self.refunds[refund.id] = refund
+            self._event(refund.id, None, RefundState.PENDING, "created", now)
+            return refund, True
+
+    def find_refund_by_key(self, idempotency_key: str) -> StoredRefund | None:
+        return next(
+            (r for r in self.refunds.values() if r.idempotency_key == idempotency_key), None
+        )
+
+    def find_refund(self, refund_id: str) -> StoredRefund | None:
+        return self.refunds.get(refund_id)
+
+    def transition_refund(self, refund: StoredRefund, change: RefundChange) -> StoredRefund | None:
+        self.payments._enter("transition_refund")
+        with self.payments._lock:
+            self._record(refund.id, change.attempts, change.attempt_kind)
+            counted = len(change.attempts) if change.attempt_kind == REFUND else 0
+            current = self.refunds[refund.id]
+            if (current.version, current.status) != (refund.version, refund.status):
+                self.refunds[refund.id] = replace(current, attempts=current.attempts + counted)
+                return None
+            reserve, refunded = ceiling_moves(current.status, change.to_status)
+            payment = self.payments.payments[refund.payment_id]
+            if payment.refund_reserved_minor + reserve * refund.amount_minor > payment.amount_minor:
+                left = payment.amount_minor - payment.refund_reserved_minor
+                raise exceeds_refundable(refund.amount_minor, left, refund.currency)
+            self._move_ceiling(
+                payment.id, reserve * refund.amount_minor, refunded * refund.amount_minor
+            )
+            now = self.payments.clock()
+            updated = replace(
+                current,
+                status=change.to_status,
+                version=current.version + 1,
+                updated_at=now,
+                failure_code=change.failure_code,
+                failure_message=change.failure_message,
+                provider_refund_id=change.provider_refund_id or current.provider_refund_id,
+                attempts=current.attempts + counted,
+            )
+            self.refunds[refund.id] = updated
+            self.leases.pop(refund.id, None)
+            self._event(refund.id, current.status, change.to_status, change.reason[:255], now)
+            return updated
+
+    def record_refund_attempts(
+        self, refund_id: str, attempts: Sequence[Attempt], kind: str
+    ) -> StoredRefund | None:
+        with self.payments._lock:
+            self._record(refund_id, attempts, kind)
+            if kind != REFUND:
+                return None
+            current = self.refunds[refund_id]
+            updated = replace(current, attempts=current.attempts + len(attempts))
+            self.refunds[refund_id] = updated
+            return updated
+
+    def claim_refunds_for_reconciliation(self, claim: ReconcileClaim) -> list[StoredRefund]:
+        with self.payments._lock:
+            return _claim(self.refunds.values(), self.leases, claim, self.payments.clock())
+
+    def release_refunds(self, refund_ids: Iterable[str]) -> None:
+        with self.payments._lock:
+            for refund_id in refund_ids:
+                self.leases.pop(refund_id, None)
+
+    def events_of(self, refund_id: str) -> list[tuple[str | None, str, str]]:
+        return [
+            (e["from_status"], e["to_status"], e["reason"])
+            for e in self.events
+            if e["refund_id"] == refund_id
+        ]
+
+    def _move_ceiling(self, payment_id: str, reserve: int, refunded: int) -> None:
+        payment = self.payments.payments[payment_id]
+        moved = replace(
+            payment,
+            refund_reserved_minor=payment.refund_reserved_minor + reserve,
+            amount_refunded_minor=payment.amount_refunded_minor + refunded,
+        )
+        assert 0 <= moved.amount_refunded_minor <= moved.refund_reserved_minor <= moved.amount_minor
+        self.payments.payments[payment_id] = moved
+
+    def _record(self, refund_id: str, attempts: Sequence[Attempt], kind: str) -> None:
+        self.attempts.extend(attempt_row(refund_id, kind, a, owner="refund_id") for a in attempts)
+
+    def _event(self, refund_id, from_status, to_status, reason, at) -> None:
+        self.events.append(
+            dict(
+                refund_id=refund_id,
                 at=at,
                 from_status=from_status.value if from_status is not None else None,
                 to_status=to_status.value,
