@@ -254,7 +254,7 @@ def _refund(body) -> ProviderRefund:
         amount_minor=body.get("amount"),
         currency=body.get("currency"),
         charge_id=body.get("charge"),
-        failure_code=body.get("failure_code"),
+        failure_code=body.get("failure_code") or body.get("failure_reason"),
         failure_message=body.get("failure_message"),
     )
 

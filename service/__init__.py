@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from service import cli, health, http_metrics, openapi, payments, problems, request_id
+from service import cli, health, http_metrics, openapi, payments, problems, refunds, request_id
 from settings import ConfigError, get_settings
 
 #: Largest accepted request body; a payment request is well under 1 KiB.
@@ -47,6 +47,7 @@ def create_app(test_config=None) -> Flask:
     problems.init_app(app)
     cli.init_app(app)
     app.register_blueprint(payments.bp)
+    app.register_blueprint(refunds.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
     return app

@@ -70,6 +70,7 @@ def payment_json(result: PaymentResult) -> dict:
         "status": result.status.value,
         "amount": str(result.amount),
         "amount_minor": result.amount_minor,
+        "amount_refunded": str(result.amount_refunded),
         "currency": result.currency,
         "payment_method": result.payment_method,
         "transaction_id": result.transaction_id,
@@ -100,12 +101,25 @@ def payment_response(result: PaymentResult, status: int | None = None) -> Respon
 
 
 def read_payment_request() -> dict:
-    """The JSON object of a payment request: 415, 413, 400 or 422 when it is not one.
+    """The JSON object of a payment request: 415, 413, 400 or 422 when it is not one."""
+    body = read_json_object("payment request")
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise InvalidPaymentRequest(
+            f"Unknown fields: {', '.join(unknown)[:200]}.", code="unknown_field"
+        )
+    if "amount" not in body:
+        raise InvalidPaymentRequest("amount is required.", code="invalid_amount")
+    return body
+
+
+def read_json_object(what: str) -> dict:
+    """The request's JSON object (``what`` names it in errors): 415, 413, 400 or 422.
 
     Numbers are parsed as ``Decimal`` so an amount of 25.99 is exactly 25.99.
     """
     if request.mimetype != "application/json" and not request.mimetype.endswith("+json"):
-        raise UnsupportedMediaType("Send the payment request as 'Content-Type: application/json'.")
+        raise UnsupportedMediaType(f"Send the {what} as 'Content-Type: application/json'.")
     raw = _read_body()
     try:
         body = json.loads(raw, parse_float=Decimal, parse_constant=_refuse_constant)
@@ -117,13 +131,6 @@ def read_payment_request() -> dict:
         raise BadRequest(f"The request body is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(body, dict):
         raise InvalidPaymentRequest("The request body must be a JSON object.", code="invalid_body")
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise InvalidPaymentRequest(
-            f"Unknown fields: {', '.join(unknown)[:200]}.", code="unknown_field"
-        )
-    if "amount" not in body:
-        raise InvalidPaymentRequest("amount is required.", code="invalid_amount")
     return body
 
 

@@ -2,8 +2,8 @@
 
 Every error the API answers is ``application/problem+json`` with ``type``, ``title``,
 ``status`` and ``detail``, plus ``code`` (stable, machine-readable) and ``request_id``,
-and ``payment_id`` when a payment is involved: werkzeug's own 4xx, ``PaymentError``s and
-unexpected exceptions alike, never an HTML page or a traceback.
+and ``payment_id`` (``refund_id``) when a payment (refund) is involved: werkzeug's own
+4xx, ``PaymentError``s and unexpected exceptions alike, never an HTML page or a traceback.
 
 The library's messages for 5xx payment errors name internal hosts, ports and pool sizes:
 they are logged, and the client gets a fixed text saying what is safe to do next.
@@ -25,11 +25,14 @@ from payment_handler import (
     PaymentDeclined,
     PaymentError,
     PaymentInProgress,
+    PaymentNotFound,
     PaymentOutcomeUnknown,
     PaymentProviderError,
     PaymentServiceUnavailable,
+    RefundDeclined,
+    RefundNotAllowed,
 )
-from service.payments import CREATED_STATUS, payment_response
+from service import payments, refunds
 from service.request_id import current_request_id
 
 log = logging.getLogger(__name__)
@@ -38,8 +41,7 @@ PROBLEM_MIMETYPE = "application/problem+json"
 #: Problem types are not meant to be dereferenced, hence a tag URI (RFC 9457 section 3.1.1).
 DEFAULT_TYPE_BASE = "tag:payment-service,2025:problem:"
 RETRY_SAFELY = (
-    "Retry after Retry-After seconds with the same Idempotency-Key: "
-    "a payment is never charged twice."
+    "Retry after Retry-After seconds with the same Idempotency-Key: it never happens twice."
 )
 INTERNAL_ERROR_DETAIL = (
     "The server failed to process the request; the error was logged. A payment request may "
@@ -51,7 +53,10 @@ PAYMENT_PROBLEMS: dict[type[PaymentError], tuple[str, str]] = {
     IdempotencyKeyReused: ("idempotency-key-reused", "Idempotency key reused"),
     InvalidPaymentRequest: ("invalid-payment-request", "Invalid payment request"),
     PaymentInProgress: ("payment-in-progress", "Payment in progress"),
+    RefundDeclined: ("refund-declined", "Refund declined"),
     PaymentDeclined: ("payment-declined", "Payment declined"),
+    RefundNotAllowed: ("refund-not-allowed", "Refund not allowed"),
+    PaymentNotFound: ("payment-not-found", "Payment not found"),
     PaymentProviderError: ("provider-error", "Payment provider error"),
     PaymentServiceUnavailable: ("provider-unavailable", "Payment provider unavailable"),
     PaymentOutcomeUnknown: ("outcome-unknown", "Payment outcome unknown"),
@@ -60,10 +65,10 @@ PAYMENT_PROBLEMS: dict[type[PaymentError], tuple[str, str]] = {
 }
 #: What a client is told instead of the library's message, for server-side failures.
 PUBLIC_DETAILS: dict[type[PaymentError], str] = {
-    PaymentServiceUnavailable: "The payment provider is unavailable and nothing was charged. "
+    PaymentServiceUnavailable: "The payment provider is unavailable and nothing was {done}. "
     + RETRY_SAFELY,
     DatabaseUnavailable: "The payment store is unavailable. " + RETRY_SAFELY,
-    PaymentProviderError: "The payment provider refused the request and nothing was charged; "
+    PaymentProviderError: "The payment provider refused the request and nothing was {done}; "
     "the error was logged for the operators.",
 }
 
@@ -116,27 +121,33 @@ def http_error(exc: HTTPException) -> Response:
 
 
 def payment_error(exc: PaymentError) -> Response:
-    """A ``PaymentError`` as its ``http_status``; an unknown outcome is a 202 payment.
+    """A ``PaymentError`` as its ``http_status``; an unknown outcome is a 202 payment
+    (or refund).
 
-    An unknown outcome without a payment that is still ``pending``/``unknown`` (not
-    recorded, or settled otherwise meanwhile) is a 502 problem: an operator must look.
+    An unknown outcome without a payment (refund) that is still ``pending``/``unknown``
+    (not recorded, or settled otherwise meanwhile) is a 502 problem: an operator must look.
     """
-    if (
-        isinstance(exc, PaymentOutcomeUnknown)
-        and exc.payment is not None
-        and exc.payment.status in CREATED_STATUS
-    ):
-        return payment_response(exc.payment)
+    if isinstance(exc, PaymentOutcomeUnknown):
+        if exc.refund is not None and exc.refund.status in refunds.CREATED_STATUS:
+            return refunds.refund_response(exc.refund)
+        if (
+            exc.refund is None
+            and exc.payment is not None
+            and exc.payment.status in payments.CREATED_STATUS
+        ):
+            return payments.payment_response(exc.payment)
     slug, title = _lookup(PAYMENT_PROBLEMS, exc)
     status = exc.http_status if exc.http_status >= 400 else 502
     public = _lookup(PUBLIC_DETAILS, exc)
+    if public is not None:
+        public = public.format(done="refunded" if request.blueprint == "refunds" else "charged")
     if status >= 500:
         log.warning("payment request failed (%s): %s", exc.code, exc.message)
     headers = {}
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
-    if getattr(exc.payment, "replayed", False):
+    if getattr(exc.refund or exc.payment, "replayed", False):
         headers["Idempotent-Replayed"] = "true"
     return problem(
         status,
@@ -146,6 +157,7 @@ def payment_error(exc: PaymentError) -> Response:
         code=exc.code,
         headers=headers,
         payment_id=exc.payment_id,
+        refund_id=exc.refund_id,
     )
 
 
