@@ -195,6 +195,27 @@ class Service:
         send = session.post if session is not None else requests.post
         return send(f"{self.url}/v1/payments", json=body, headers=headers, timeout=timeout)
 
+    def refund(
+        self,
+        payment_id: str,
+        amount: str | None = None,
+        key: str | None = None,
+        *,
+        timeout: float = 30,
+    ) -> requests.Response:
+        """``POST /v1/payments/<id>/refunds`` (no ``amount``: the rest), ``key`` as its
+        Idempotency-Key."""
+        headers = {**AUTH, "X-Request-ID": uuid.uuid4().hex}
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        body = {} if amount is None else {"amount": amount}
+        return requests.post(
+            f"{self.url}/v1/payments/{payment_id}/refunds",
+            json=body,
+            headers=headers,
+            timeout=timeout,
+        )
+
     def get(self, path: str, timeout: float = 5) -> requests.Response:
         return requests.get(self.url + path, headers=AUTH, timeout=timeout)
 
