@@ -42,6 +42,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     text,
@@ -601,6 +602,23 @@ def _audit_tables(
     )
     return attempts, events
 
+
+provider_events = Table(
+    "provider_events",
+    metadata,
+    Column("id", _serial, primary_key=True, autoincrement=True),
+    Column("provider", String(16), nullable=False),
+    Column("event_id", String(255), nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),  # when the provider made it
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("event_json", Text, nullable=False),  # the verified event, in neutral terms
+    # NULL until applied: applied, stale, unknown or ignored (EventResult).
+    Column("result", String(16)),
+    Column("applied_at", UTCDateTime),
+    UniqueConstraint("provider", "event_id"),  # a redelivery is stored once
+    Index(None, "result", "received_at"),  # events a crash left unapplied
+)
 
 payment_attempts, payment_events = _audit_tables("payment", ATTEMPT_KINDS, PAYMENT_STATUSES)
 refund_attempts, refund_events = _audit_tables("refund", REFUND_ATTEMPT_KINDS, REFUND_STATES)

@@ -17,6 +17,12 @@ from circuit_breaker import STATE_VALUES
 
 PAYMENTS = Counter("payments_total", "Payments by final outcome of this call", ["outcome"])
 REFUNDS = Counter("refunds_total", "Refunds by outcome of this call", ["outcome"])
+PROVIDER_EVENTS = Counter(
+    "provider_events_total",
+    "Provider webhook events by provider, type and result (applied, duplicate, stale, "
+    "unknown, ignored, bad_signature)",
+    ["provider", "type", "result"],
+)
 PROVIDER_REQUESTS = Counter(
     "payment_provider_requests_total",
     "Requests sent to the payment provider, by kind and result",
@@ -74,6 +80,11 @@ def observe_payment(outcome: str) -> None:
 def observe_refund(outcome: str) -> None:
     """Count one ``refund_payment`` call by outcome (succeeded, failed, unknown, ...)."""
     REFUNDS.labels(outcome).inc()
+
+
+def observe_event(provider: str, event_type: str, result: str) -> None:
+    """Count one provider event by what became of it."""
+    PROVIDER_EVENTS.labels(provider, event_type, result).inc()
 
 
 def observe_http_request(method: str, route: str, status: int, seconds: float) -> None:

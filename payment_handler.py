@@ -418,7 +418,7 @@ class PaymentService:
             log.warning("reconciliation lookup failed (%s): %s", exc.code, exc.message)
             self.store.record_attempts(payment.id, exc.attempts, LOOKUP)
             return
-        verdict = _verdict(reply.value)
+        verdict = charge_verdict(reply.value)
         if verdict is None:
             report.still_pending += 1
             self.store.record_attempts(payment.id, reply.attempts, LOOKUP)
@@ -458,7 +458,7 @@ def _still_unknown(exc: PaymentError) -> PaymentOutcomeUnknown:
     return unknown
 
 
-def _verdict(charges: Sequence[ProviderCharge]) -> Change | None:
+def charge_verdict(charges: Sequence[ProviderCharge]) -> Change | None:
     """What the provider's charges for one key settle a payment to; ``None``: not yet."""
     succeeded = [c for c in charges if c.status is ChargeStatus.SUCCEEDED]
     if len(succeeded) > 1:

@@ -113,17 +113,36 @@ def check_refund_transition(
     _check(REFUND_TRANSITIONS, "refund", RefundState(from_status), to_status, failure_code)
 
 
-def _check(table, what: str, source, to_status, failure_code: str | None) -> None:
+def may_transition(
+    from_status: PaymentStatus | str, to_status: PaymentStatus | str, failure_code: str | None
+) -> bool:
+    """Whether :func:`check_transition` allows this change."""
+    return _allowed(TRANSITIONS, PaymentStatus(from_status), to_status, failure_code)
+
+
+def may_refund_transition(
+    from_status: RefundState | str, to_status: RefundState | str, failure_code: str | None
+) -> bool:
+    """Whether :func:`check_refund_transition` allows this change."""
+    return _allowed(REFUND_TRANSITIONS, RefundState(from_status), to_status, failure_code)
+
+
+def _allowed(table, source, to_status, failure_code: str | None) -> bool:
     target = type(source)(to_status)
-    allowed = target in table[source]
-    if allowed and source == _F:
+    if target not in table[source]:
+        return False
+    if source == _F:
         if target == _P:
-            allowed = failure_code in RESUBMITTABLE
-        else:
-            allowed = failure_code == FailureCode.NOT_RECEIVED
-    if not allowed:
+            return failure_code in RESUBMITTABLE
+        return failure_code == FailureCode.NOT_RECEIVED
+    return True
+
+
+def _check(table, what: str, source, to_status, failure_code: str | None) -> None:
+    if not _allowed(table, source, to_status, failure_code):
         raise TransitionRefused(
-            f"a {source} {what} (failure code {failure_code!r}) cannot become {target}"
+            f"a {source} {what} (failure code {failure_code!r}) cannot become "
+            f"{type(source)(to_status)}"
         )
 
 

@@ -11,7 +11,17 @@ from __future__ import annotations
 
 from flask import Flask
 
-from service import cli, health, http_metrics, openapi, payments, problems, refunds, request_id
+from service import (
+    cli,
+    health,
+    http_metrics,
+    openapi,
+    payments,
+    problems,
+    refunds,
+    request_id,
+    webhooks,
+)
 from settings import ConfigError, get_settings
 
 #: Largest accepted request body; a payment request is well under 1 KiB.
@@ -48,6 +58,7 @@ def create_app(test_config=None) -> Flask:
     cli.init_app(app)
     app.register_blueprint(payments.bp)
     app.register_blueprint(refunds.bp)
+    app.register_blueprint(webhooks.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
     return app

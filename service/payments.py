@@ -120,7 +120,7 @@ def read_json_object(what: str) -> dict:
     """
     if request.mimetype != "application/json" and not request.mimetype.endswith("+json"):
         raise UnsupportedMediaType(f"Send the {what} as 'Content-Type: application/json'.")
-    raw = _read_body()
+    raw = read_raw_body()
     try:
         body = json.loads(raw, parse_float=Decimal, parse_constant=_refuse_constant)
         # "\ud800" escapes decode to lone surrogates, which are not text (UnicodeEncodeError).
@@ -134,7 +134,7 @@ def read_json_object(what: str) -> dict:
     return body
 
 
-def _read_body() -> bytes:
+def read_raw_body() -> bytes:
     """The request body: 413 when it is over ``MAX_CONTENT_LENGTH``, 408 when it stalls.
 
     werkzeug answers 413 for a declared Content-Length over the limit, but a chunked body

@@ -27,6 +27,7 @@ TABLES = {
     "refunds",
     "refund_attempts",
     "refund_events",
+    "provider_events",
 }
 
 
