@@ -1,8 +1,10 @@
-"""A local payment provider speaking DESIGN.md section 5, with faults on demand.
+"""A local payment provider speaking DESIGN.md section 5a, with faults on demand.
 
-Run it as ``python -m sandbox_provider --port 0``: it prints ``sandbox listening on
-<url>`` once it accepts connections. Tests, demos and benchmarks point
-``PAYMENT_API_URL`` at it and steer it through ``/_sandbox/faults``.
+Charges and refunds, idempotent by key; pending ones settle later and every settled one
+is announced by a signed event (section 11) when a webhook URL is set. Run it as
+``python -m sandbox_provider --port 0``: it prints ``sandbox listening on <url>`` once
+it accepts connections. Tests, demos and benchmarks point ``PAYMENT_API_URL`` at it and
+steer it through the ``/_sandbox`` controls (:mod:`sandbox_provider.controls`).
 """
 
 from sandbox_provider.faults import Faults

@@ -1,19 +1,24 @@
-"""Fault injection: what the sandbox does to the next charge request instead of answering.
+"""Fault injection: what the sandbox does to the next create request instead of answering.
 
-Faults apply to charge requests that would create a charge (a fresh idempotency key, or
-a key whose earlier attempt a fault rejected); replays and conflicts on a known key are
+Faults apply to requests that would create a charge or a refund (a fresh idempotency
+key, or a key whose earlier attempt a fault rejected), in the order they arrive, so a
+script entry is spent by whichever comes first; replays and conflicts on a known key are
 answered at once, as a real provider answers them from its idempotency store.
 
 Some faults reject the request before anything happens (an error status, ``reset``,
-``hang``): no charge is made and the same key can succeed later. Others lose the answer
-after the charge is recorded (``hang_after_commit``, ``reset_mid_response``,
-``malformed_json``, ``html``, ``missing_status``): the money moved, the client cannot
-tell, and only a replay or a lookup by key reveals it.
+``hang``): nothing is recorded and the same key can succeed later. Others lose the
+answer after the charge or refund is recorded (``hang_after_commit``,
+``reset_mid_response``, ``malformed_json``, ``html``, ``missing_status``): the money
+moved, the client cannot tell, and only a replay or a lookup by key reveals it.
 
-``trickle_ms`` records the charge too, then sends the whole answer, status line
+``trickle_ms`` records the object too, then sends the whole answer, status line
 included, one byte every ``trickle_ms``: each read the client makes succeeds, so no
 per-read timeout ever fires and only a wall-clock deadline ends the wait. Changing the
 faults sends the rest of a trickling answer at once.
+
+``settle_later_ms`` answers every new charge and refund ``pending`` and settles it that
+many milliseconds later, announced by an event (DESIGN.md section 11). Payment methods
+that always settle later use it too, or ``DEFAULT_SETTLE_LATER_MS`` when it is 0.
 """
 
 from __future__ import annotations
@@ -24,14 +29,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from numbers import Real
 
-#: Script entries that lose the request before a charge is recorded.
+#: Script entries that lose the request before anything is recorded.
 REJECTING_NAMES = frozenset({"reset", "hang"})
-#: Script entries that record the charge, then lose or mangle the answer.
+#: Script entries that record the charge or refund, then lose or mangle the answer.
 COMMITTING_NAMES = frozenset({"reset_mid_response", "malformed_json", "html", "missing_status"})
 SCRIPT_NAMES = REJECTING_NAMES | COMMITTING_NAMES
 DEFAULT_ERROR_STATUS = 503
 MAX_LATENCY_MS = 600_000
 MAX_TRICKLE_MS = 60_000
+MAX_SETTLE_LATER_MS = 600_000
+DEFAULT_SETTLE_LATER_MS = 200
 
 
 class FaultError(ValueError):
@@ -49,6 +56,7 @@ class Faults:
     error_status: int = DEFAULT_ERROR_STATUS
     retry_after: int | None = None
     trickle_ms: float = 0
+    settle_later_ms: float = 0
     script: tuple[int | str, ...] = field(default=())
 
     @classmethod
@@ -63,6 +71,7 @@ class Faults:
         _check_number("latency_ms", faults.latency_ms, 0, MAX_LATENCY_MS)
         _check_number("error_rate", faults.error_rate, 0, 1)
         _check_number("trickle_ms", faults.trickle_ms, 0, MAX_TRICKLE_MS)
+        _check_number("settle_later_ms", faults.settle_later_ms, 0, MAX_SETTLE_LATER_MS)
         for name in ("hang", "hang_after_commit"):
             if not isinstance(getattr(faults, name), bool):
                 raise FaultError(f"{name} must be true or false")
@@ -90,6 +99,7 @@ class Faults:
             "error_status": self.error_status,
             "retry_after": self.retry_after,
             "trickle_ms": self.trickle_ms,
+            "settle_later_ms": self.settle_later_ms,
             "script": list(self.script),
         }
 
@@ -110,11 +120,12 @@ def _check_status(name, value) -> None:
 
 @dataclass(frozen=True)
 class Action:
-    """What to do with one charge request.
+    """What to do with one create request.
 
     ``kind`` is ``"ok"``, ``"status"`` (answer ``status``), ``"hang_after_commit"`` or a
-    script name. ``trickle_s`` spaces the bytes of an ``"ok"`` answer. ``released`` is
-    set when the request may stop hanging or trickling.
+    script name. ``trickle_s`` spaces the bytes of an ``"ok"`` answer. ``settle_s``,
+    when set, records the object ``pending`` and settles it that much later.
+    ``released`` is set when the request may stop hanging or trickling.
     """
 
     kind: str
@@ -122,11 +133,12 @@ class Action:
     status: int | None = None
     retry_after: int | None = None
     trickle_s: float = 0.0
+    settle_s: float = 0.0
     released: threading.Event | None = None
 
     @property
     def rejects(self) -> bool:
-        """The request is lost before a charge is recorded."""
+        """The request is lost before anything is recorded."""
         return self.kind == "status" or self.kind in REJECTING_NAMES
 
 
@@ -163,12 +175,16 @@ class FaultInjector:
             return {**self._faults.as_dict(), "script": list(self._script)}
 
     def next_action(self) -> Action:
-        """Decide the fate of one charge request; consumes one script entry if any."""
+        """Decide the fate of one create request; consumes one script entry if any."""
         with self._lock:
             faults = self._faults
             entry = self._script.popleft() if self._script else None
             released = self._released
-        base = {"latency_s": faults.latency_ms / 1000, "retry_after": faults.retry_after}
+        base = {
+            "latency_s": faults.latency_ms / 1000,
+            "retry_after": faults.retry_after,
+            "settle_s": faults.settle_later_ms / 1000,
+        }
         if isinstance(entry, int):
             return Action("status", status=entry, **base)
         if entry is not None:

@@ -1,4 +1,6 @@
-"""HTTP handling: the provider routes of DESIGN.md section 5 and the ``/_sandbox`` controls.
+"""HTTP handling: the provider routes of DESIGN.md section 5a (charges and refunds).
+
+The ``/_sandbox`` controls are in :mod:`sandbox_provider.controls`.
 
 One handler instance serves one connection for its whole keep-alive life, which is how
 the connection counter knows a connection once, however many requests it carries.
@@ -16,19 +18,27 @@ import re
 import socket
 import struct
 import time
+from functools import partial
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs
 
-from sandbox_provider.charges import InvalidCharge, parse_charge_request
-from sandbox_provider.faults import Faults
-from sandbox_provider.ledger import IN_PROGRESS, NEW, REPLAY
+from sandbox_provider.charges import InvalidRequest, parse_charge_request
+from sandbox_provider.controls import SandboxControls
+from sandbox_provider.faults import DEFAULT_SETTLE_LATER_MS
+from sandbox_provider.ledger import IN_PROGRESS, NEW, REPLAY, Ledger
+from sandbox_provider.refunds import RefundRefused, parse_refund_request
 
 #: Seconds an idle keep-alive connection (or a stalled TLS handshake) is kept open.
 IDLE_TIMEOUT_S = 120
 MAX_BODY = 64 * 1024
 MAX_KEY = 255
-CHARGE_PATH = re.compile(r"/v1/charges/([A-Za-z0-9_]{1,64})")
+OBJECT_PATH = re.compile(r"/v1/(charges|refunds)(?:/([A-Za-z0-9_]{1,64}))?")
+#: Resource -> how to read its create request and the ledger method that records it.
+CREATORS = {
+    "charges": (parse_charge_request, Ledger.commit_charge),
+    "refunds": (parse_refund_request, Ledger.commit_refund),
+}
 ERROR_CODES = {
     400: "invalid_request",
     401: "invalid_api_key",
@@ -45,7 +55,7 @@ PARTIAL_RESPONSE = b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nC
 HTML_PAGE = b"<html><body><h1>502 Bad Gateway</h1><p>upstream error</p></body></html>"
 
 
-class SandboxHandler(BaseHTTPRequestHandler):
+class SandboxHandler(SandboxControls, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "PaymentSandbox/1.0"
     disable_nagle_algorithm = True
@@ -70,23 +80,24 @@ class SandboxHandler(BaseHTTPRequestHandler):
         if not self.carried_provider_traffic:
             self.carried_provider_traffic = True
             self.server.stats.count_connection()
-        match = CHARGE_PATH.fullmatch(path)
-        route = "/v1/charges/{id}" if match else path
+        match = OBJECT_PATH.fullmatch(path)
+        route = f"/v1/{match[1]}{'/{id}' if match[2] else ''}" if match else path
         self.server.stats.count_request(f"{self.command} {route}")
-        if route not in ("/v1/charges", "/v1/charges/{id}"):
+        if match is None:
             return self.send_problem(404, "resource_missing", f"no such route: {path}")
         if not self.authorized():
             return
-        if route == "/v1/charges" and self.command == "POST":
-            return self.create_charge(body)
+        resource, object_id = match.groups()
+        if object_id is None and self.command == "POST":
+            return self.create(body, *CREATORS[resource])
         if self.command != "GET":
             return self.send_problem(405, "method_not_allowed", f"{self.command} not allowed")
-        if match:
-            charge = self.server.ledger.get(match.group(1))
-            if charge is None:
-                return self.send_problem(404, "resource_missing", "no such charge")
-            return self.send_json(200, charge)
-        self.list_charges(query)
+        if object_id is None:
+            return self.list_by_key(resource, query)
+        found = self.ledger_get(resource, object_id)
+        if found is None:
+            return self.send_problem(404, "resource_missing", f"no such {resource[:-1]}")
+        self.send_json(200, found)
 
     def read_body(self) -> bytes | None:
         """The request body, or ``None`` after answering a request whose body is unusable."""
@@ -118,13 +129,20 @@ class SandboxHandler(BaseHTTPRequestHandler):
         )
         return False
 
-    def list_charges(self, query: str):
+    def ledger_get(self, resource: str, object_id: str) -> dict | None:
+        ledger = self.server.ledger
+        return ledger.get(object_id) if resource == "charges" else ledger.refund(object_id)
+
+    def list_by_key(self, resource: str, query: str):
         key = parse_qs(query).get("idempotency_key", [""])[0]
         if not key:
             return self.send_problem(400, "invalid_request", "idempotency_key is required")
-        self.send_json(200, {"data": self.server.ledger.by_key(key)})
+        ledger = self.server.ledger
+        found = ledger.by_key(key) if resource == "charges" else ledger.refunds_by_key(key)
+        self.send_json(200, {"data": found})
 
-    def create_charge(self, body: bytes):
+    def create(self, body: bytes, parse, commit):
+        """Create a charge or a refund: one set of idempotency rules and faults for both."""
         if self.headers.get_content_type() != "application/json":
             return self.send_problem(415, "unsupported_media_type", "send application/json")
         key = self.headers.get("Idempotency-Key", "").strip()
@@ -135,10 +153,11 @@ class SandboxHandler(BaseHTTPRequestHandler):
         if len(key) > MAX_KEY:
             return self.send_problem(400, "invalid_request", f"Idempotency-Key over {MAX_KEY}")
         try:
-            request = parse_charge_request(body)
-        except InvalidCharge as exc:
+            request = parse(body)
+        except InvalidRequest as exc:
             return self.send_problem(400, "invalid_request", str(exc))
-        outcome, reservation = self.server.ledger.begin(key, request.fingerprint)
+        ledger = self.server.ledger
+        outcome, reservation = ledger.begin(key, request.fingerprint)
         if outcome == REPLAY:
             status, payload = reservation.reply
             return self.send_json(status, payload, [("Idempotent-Replayed", "true")])
@@ -155,16 +174,17 @@ class SandboxHandler(BaseHTTPRequestHandler):
                 "idempotency_key_reused",
                 "this Idempotency-Key was used with a different request body",
             )
-        self.charge_under_faults(key, reservation, request)
+        record = partial(commit, ledger, key, reservation, request)
+        self.create_under_faults(key, reservation, record)
 
-    def charge_under_faults(self, key, reservation, request):
-        """Make the charge unless the current faults say otherwise."""
-        ledger = self.server.ledger
-        action = self.server.faults.next_action()
+    def create_under_faults(self, key, reservation, record):
+        """Call ``record(settle_later)`` unless the faults say otherwise; answer as they say."""
+        server = self.server
+        action = server.faults.next_action()
         if action.latency_s:
             time.sleep(action.latency_s)  # the fault itself: a slow provider
         if action.rejects:
-            ledger.release(key, reservation)
+            server.ledger.release(key, reservation)
             if action.kind == "reset":
                 return self.reset_connection()
             if action.kind == "hang":
@@ -174,7 +194,13 @@ class SandboxHandler(BaseHTTPRequestHandler):
             return self.send_problem(
                 action.status, code, HTTPStatus(action.status).phrase, headers=headers
             )
-        charge = ledger.commit(key, reservation, request)
+        try:
+            created = record(settle_later=action.settle_s > 0)
+        except RefundRefused as exc:
+            server.ledger.release(key, reservation)  # nothing moved: the key may be retried
+            return self.send_problem(exc.status, exc.code, str(exc))
+        if created["status"] == "pending":
+            server.settle_later(created, action.settle_s or DEFAULT_SETTLE_LATER_MS / 1000)
         status, payload = reservation.reply
         if action.kind == "ok" and action.trickle_s:
             self.trickle(action.trickle_s, action.released, status, payload)
@@ -190,7 +216,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
         elif action.kind == "html":
             self.send_raw(200, "text/html; charset=utf-8", HTML_PAGE)
         else:
-            self.send_json(200, {k: v for k, v in charge.items() if k != "status"})
+            self.send_json(200, {k: v for k, v in created.items() if k != "status"})
 
     def hang(self, released):
         """Answer nothing until the fault is cleared, then drop the connection."""
@@ -222,33 +248,6 @@ class SandboxHandler(BaseHTTPRequestHandler):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         os.close(sock.detach())
         self.close_connection = True
-
-    def control(self, path: str, body: bytes):
-        server = self.server
-        route = (self.command, path)
-        if route == ("GET", "/_sandbox/state"):
-            return self.send_json(200, self.state())
-        if route == ("GET", "/_sandbox/ledger"):
-            return self.send_json(200, {"data": server.ledger.charges()})
-        if route == ("POST", "/_sandbox/reset"):
-            server.reset()
-            return self.send_json(200, self.state())
-        if route == ("POST", "/_sandbox/faults"):
-            try:
-                faults = Faults.from_mapping(json.loads(body or b"{}"))
-            except ValueError as exc:  # bad JSON or a FaultError
-                return self.send_problem(400, "invalid_faults", str(exc))
-            server.faults.replace(faults)
-            return self.send_json(200, {"faults": server.faults.current()})
-        self.send_problem(404, "resource_missing", f"no such control: {self.command} {path}")
-
-    def state(self) -> dict:
-        server = self.server
-        return {
-            **server.stats.snapshot(),
-            **server.ledger.summary(),
-            "faults": server.faults.current(),
-        }
 
     def send_json(self, status, payload, headers=()):
         self.send_raw(status, "application/json", json.dumps(payload).encode(), headers)

@@ -4,6 +4,9 @@ Each accepted connection gets its own daemon thread (``ThreadingHTTPServer``), s
 request that hangs or sleeps holds only its own connection, the way a slow provider
 does. TLS handshakes happen in that thread too, never in the accept loop, so one slow
 or refused handshake cannot stall everyone else.
+
+What a provider does after answering (settling a pending charge or refund, delivering
+its event) runs on two scheduler threads of its own, so neither waits for a client.
 """
 
 from __future__ import annotations
@@ -14,11 +17,17 @@ import ssl
 import sys
 import threading
 from collections import Counter
+from functools import partial
 from http.server import ThreadingHTTPServer
 
+from sandbox_provider.events import EventHub
 from sandbox_provider.faults import FaultInjector, Faults
 from sandbox_provider.handler import IDLE_TIMEOUT_S, SandboxHandler
 from sandbox_provider.ledger import Ledger
+from sandbox_provider.scheduler import Scheduler
+
+#: Pending charges and refunds waiting to settle: past this many, one settles at once.
+MAX_PENDING_SETTLEMENTS = 100_000
 
 
 class Stats:
@@ -69,24 +78,30 @@ class Stats:
 class SandboxServer(ThreadingHTTPServer):
     """The sandbox provider bound to ``address``.
 
-    ``api_key`` is the bearer secret charge calls must present; ``faults`` the fault
-    setting at start; ``ssl_context`` serves HTTPS when given; ``verbose`` logs every
-    request to stderr (off by default: a parent that never reads a piped stderr would
-    otherwise block the sandbox once the pipe fills).
+    ``api_key`` is the bearer secret provider calls must present; ``faults`` the fault
+    setting at start; ``webhooks`` the :class:`~sandbox_provider.webhooks.WebhookSettings`
+    at start (none: no events); ``ssl_context`` serves HTTPS when given; ``verbose`` logs
+    every request to stderr (off by default: a parent that never reads a piped stderr
+    would otherwise block the sandbox once the pipe fills).
     """
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024
 
-    def __init__(self, address, *, api_key, faults=None, ssl_context=None, verbose=False):
+    def __init__(
+        self, address, *, api_key, faults=None, webhooks=None, ssl_context=None, verbose=False
+    ):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.api_key = api_key
-        self.ledger = Ledger()
         self.faults = FaultInjector(faults)
         self.stats = Stats()
         self.ssl_context = ssl_context
         self.verbose = verbose
+        self.events = EventHub(webhooks)
+        self.ledger = Ledger(on_settled=self.events.emit)
+        self.settlements = Scheduler("sandbox-settlements", max_tasks=MAX_PENDING_SETTLEMENTS)
+        # A port that cannot be bound calls server_close, which stops both threads.
         super().__init__(address, SandboxHandler)
 
     @property
@@ -118,8 +133,24 @@ class SandboxServer(ThreadingHTTPServer):
             return  # clients hanging up on us is what the sandbox is for
         super().handle_error(request, client_address)
 
+    def settle_later(self, obj: dict, delay_s: float) -> None:
+        """Settle a pending charge or refund ``delay_s`` from now, as its test token says."""
+        ledger = self.ledger
+        settle = ledger.settle_charge if obj["object"] == "charge" else ledger.settle_refund
+        task = partial(settle, obj["id"])
+        if not self.settlements.schedule(delay_s, task):
+            task()  # better early than pending for ever
+
     def reset(self) -> None:
-        """Forget every charge and count, and clear the faults."""
+        """Forget every charge, refund, event and count; clear the faults; webhook
+        settings back to those given at start."""
         self.faults.replace(Faults())
+        self.settlements.clear()
         self.ledger.clear()
+        self.events.clear()
         self.stats.clear()
+
+    def server_close(self):
+        super().server_close()
+        self.settlements.stop()
+        self.events.close()

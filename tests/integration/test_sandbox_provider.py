@@ -71,6 +71,7 @@ def test_charge_succeeds_with_201_and_is_recorded(sandbox):
     assert created["object"] == "charge"
     assert created["status"] == "succeeded"
     assert (created["amount"], created["currency"]) == (2599, "USD")
+    assert created["amount_refunded"] == 0
     assert (created["idempotency_key"], created["transaction_id"]) == (key, key)
     assert created["failure_code"] is None and created["failure_message"] is None
     assert abs(created["created"] - time.time()) < 60
@@ -411,6 +412,8 @@ def test_reset_clears_ledger_counters_and_faults(sandbox):
         {"script": [201]},
         {"script": "503"},
         {"hang": "yes"},
+        {"settle_later_ms": -1},
+        {"settle_later_ms": 600_001},
     ],
 )
 def test_invalid_faults_are_refused(sandbox, faults):

@@ -1,7 +1,9 @@
 """Start, steer and stop a real sandbox provider process (``python -m sandbox_provider``).
 
 Tests get the provider the client talks to in production terms: a separate process on a
-real socket. Start-up waits for the sandbox's own "listening" line, never a sleep.
+real socket. Start-up waits for the sandbox's own "listening" line, never a sleep; what
+the sandbox does later (settling, delivering events) is awaited by polling its controls
+against a deadline.
 """
 
 from __future__ import annotations
@@ -124,25 +126,70 @@ class SandboxProcess:
         return self.control("GET", "/_sandbox/state")
 
     def ledger(self) -> list[dict]:
+        """Every charge, as it is now."""
         return self.control("GET", "/_sandbox/ledger")["data"]
+
+    def books(self) -> dict:
+        """Charges (``data``) and ``refunds``, read at one instant so they balance."""
+        return self.control("GET", "/_sandbox/ledger")
+
+    def refunds(self) -> list[dict]:
+        """Every refund, as it is now."""
+        return self.books()["refunds"]
+
+    def settle(self, charge_id: str, status: str, **failure) -> dict:
+        """Give a charge its final status (``failure_code``/``failure_message`` optional)."""
+        path = f"/_sandbox/charges/{charge_id}/settle"
+        return self.control("POST", path, {"status": status, **failure})["charge"]
+
+    def settle_refund(self, refund_id: str, status: str, **failure) -> dict:
+        """Give a refund its final status (``failure_reason`` optional)."""
+        path = f"/_sandbox/refunds/{refund_id}/settle"
+        return self.control("POST", path, {"status": status, **failure})["refund"]
+
+    def set_webhooks(self, url: str | None, secret: str | None = None, **settings) -> dict:
+        """Send events to ``url`` signed with ``secret`` (``None``: no events);
+        ``max_attempts`` and ``backoff_ms`` may be given too."""
+        payload = {"url": url, "secret": secret, **settings}
+        return self.control("POST", "/_sandbox/webhooks", payload)["webhooks"]
+
+    def events(self) -> list[dict]:
+        """Every event made, oldest first: ``{"event", "status", "attempts"}`` each."""
+        return self.control("GET", "/_sandbox/events")["data"]
+
+    def redeliver(self, ids=None, *, copies=1, shuffle=False, timestamp=None) -> list[str]:
+        """Send stored events (all when ``ids`` is None) again; the ids in sending order."""
+        payload = {"copies": copies, "shuffle": shuffle, "timestamp": timestamp}
+        if ids is not None:
+            payload["ids"] = list(ids)
+        return self.control("POST", "/_sandbox/events/redeliver", payload)["sent"]
 
     def set_faults(self, **faults) -> dict:
         """Replace the faults (absent ones back to healthy); frees hung requests."""
         return self.control("POST", "/_sandbox/faults", faults)["faults"]
 
     def reset(self) -> dict:
-        """Forget charges and counters, clear faults."""
+        """Forget charges, refunds, events and counters; clear faults; webhooks as at start."""
         return self.control("POST", "/_sandbox/reset")
 
     def wait_for_state(self, predicate, timeout: float = 5.0) -> dict:
         """Poll the state until ``predicate(state)`` holds; fail after ``timeout``."""
+        return self.wait_for(self.state, predicate, timeout)
+
+    def wait_for_events(self, predicate, timeout: float = 5.0) -> list[dict]:
+        """Poll the events until ``predicate(events)`` holds; fail after ``timeout``."""
+        return self.wait_for(self.events, predicate, timeout)
+
+    @staticmethod
+    def wait_for(read, predicate, timeout: float = 5.0):
+        """Call ``read()`` until ``predicate`` holds for its result; fail after ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
-            state = self.state()
-            if predicate(state):
-                return state
+            value = read()
+            if predicate(value):
+                return value
             if time.monotonic() > deadline:
-                raise SandboxError(f"sandbox state never matched: {state}")
+                raise SandboxError(f"sandbox never matched: {value}")
             time.sleep(0.01)
 
     def control(self, method: str, path: str, payload: dict | None = None) -> dict:
