@@ -334,6 +334,29 @@ def _retry_after(retry: Retry, response: requests.Response | None) -> float | No
         return None
 
 
+def is_retryable(
+    retry: Retry,
+    method: str,
+    response: requests.Response,
+    hint: Callable[[requests.Response], bool | None] | None = None,
+) -> bool:
+    """Whether ``retry`` lets ``method`` be sent again after ``response``.
+
+    ``hint`` is the provider's advice on this answer (Stripe's ``Stripe-Should-Retry``):
+    ``True`` retries it as if its status were retryable, ``False`` never retries it,
+    ``None`` leaves the decision to the status. The method rule and the retry budget
+    apply either way, so a POST without an Idempotency-Key is never retried on a hint.
+    """
+    status = response.status_code
+    has_retry_after = "Retry-After" in response.headers
+    advice = hint(response) if hint is not None else None
+    if advice is None:
+        return retry.is_retry(method, status, has_retry_after)
+    if not advice:
+        return False
+    return retry.new(status_forcelist={status}).is_retry(method, status, has_retry_after)
+
+
 def default_jitter(backoff_factor: float) -> float:
     """Uniform jitter in ``[0, backoff_factor)`` so retrying clients do not stampede."""
     return random.uniform(0, backoff_factor)
@@ -352,6 +375,7 @@ def send_with_retries(
     sleep: Callable[[float], None] = time.sleep,
     jitter: Callable[[float], float] = default_jitter,
     on_attempt: Callable[[Attempt], None] | None = None,
+    retry_hint: Callable[[requests.Response], bool | None] | None = None,
     **kwargs,
 ) -> Exchange:
     """Send ``method url`` until it gets a final answer, ``retry`` is spent, or ``deadline``.
@@ -362,7 +386,8 @@ def send_with_retries(
     running at the deadline (a provider trickling its answer) is cut by the watchdog,
     which keeps real time whatever ``clock`` is: it is recorded as a timeout of the
     time it was allowed, ``READ`` once the request may have gone out, and the exchange
-    gives up.
+    gives up. ``retry_hint`` is the provider's own advice on an answer (see
+    :func:`is_retryable`).
     """
     exchange = Exchange()
     number = 0
@@ -419,10 +444,7 @@ def send_with_retries(
             return exchange
         if kind in (POOL_BUSY, TLS):
             return exchange  # local overload or configuration: retrying cannot help
-        has_retry_after = response is not None and "Retry-After" in response.headers
-        if response is not None and not retry.is_retry(
-            method, response.status_code, has_retry_after
-        ):
+        if response is not None and not is_retryable(retry, method, response, retry_hint):
             return exchange
         try:
             if response is not None:

@@ -102,6 +102,7 @@ class _Operation:
         json: Any = None,
         data: Any = None,
         params: Mapping[str, str] | None = None,
+        retry_hint: Callable[[requests.Response], bool | None] | None = None,
     ) -> Answer:
         client = self.client
         all_headers = dict(headers or {})
@@ -120,6 +121,7 @@ class _Operation:
             sleep=client.sleep,
             jitter=client.jitter,
             on_attempt=self._observe,
+            retry_hint=retry_hint,
             headers=all_headers,
             json=json,
             data=data,

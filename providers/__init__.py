@@ -15,7 +15,10 @@ if TYPE_CHECKING:  # this module imports nothing at run time: settings validates
     from settings import Settings
 
 #: ``PAYMENT_PROVIDER`` values and the adapter class that implements each.
-PROVIDER_CLASSES = {"sandbox": "providers.sandbox:SandboxProvider"}
+PROVIDER_CLASSES = {
+    "sandbox": "providers.sandbox:SandboxProvider",
+    "stripe": "providers.stripe:StripeProvider",
+}
 PROVIDER_NAMES = tuple(PROVIDER_CLASSES)
 
 

@@ -10,7 +10,7 @@ whatever a provider sends, the store only ever sees values it can hold.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -248,6 +248,8 @@ class Transport(Protocol):
     the whole operation, the audit of every attempt and the incident's log text are
     applied here. A request that got no answer raises ``PaymentServiceUnavailable``
     (certainly not received) or ``PaymentOutcomeUnknown`` (may have been received).
+    ``retry_hint`` is the provider's advice on an answer: ``True`` retry it (within the
+    retries and the deadline), ``False`` never, ``None`` decide by its status.
     """
 
     def send(
@@ -260,6 +262,7 @@ class Transport(Protocol):
         json: Any = None,
         data: Any = None,
         params: Mapping[str, str] | None = None,
+        retry_hint: Callable[[requests.Response], bool | None] | None = None,
     ) -> Answer: ...
 
 

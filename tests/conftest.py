@@ -113,3 +113,13 @@ def restore_root_logging():
         if handler not in root.handlers:
             root.addHandler(handler)
     root.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def localstripe():
+    """One localstripe process (a stateful fake of Stripe's API) for the whole run."""
+    from tests.support.localstripe import LocalStripeProcess
+
+    with LocalStripeProcess() as process:
+        yield process
+

@@ -83,6 +83,64 @@ def test_retry_table(make_settings, steps, idempotent, attempts, final):
         assert exchange.response is None and exchange.error_kind == final
 
 
+def advice(response):
+    """A provider's retry hint read from a header, as Stripe's ``Stripe-Should-Retry``."""
+    return {"true": True, "false": False}.get(response.headers.get("Should-Retry", ""))
+
+
+# (first answer, its advice, idempotent?, attempts made, final status)
+HINT_TABLE = [
+    (503, "false", True, 1, 503),  # the provider says no: a retryable status is not retried
+    (409, "false", True, 1, 409),
+    (400, "true", True, 2, 201),  # it says yes: a final status is retried
+    (503, None, True, 2, 201),  # no advice: the status decides
+    (400, None, True, 1, 400),
+    (400, "true", False, 1, 400),  # a POST without an Idempotency-Key: never, whatever it says
+]
+
+
+@pytest.mark.parametrize(("status", "hint", "idempotent", "attempts", "final"), HINT_TABLE)
+def test_a_retry_hint_overrides_the_status_decision(
+    make_settings, status, hint, idempotent, attempts, final
+):
+    settings = make_settings(payment_max_retries=3)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mocked:
+        mocked.post(URL, status=status, json={}, headers={"Should-Retry": hint} if hint else {})
+        mocked.post(URL, status=201, json={})
+        exchange = send_with_retries(
+            build_session(settings),
+            "POST",
+            URL,
+            retry=build_retry(settings, idempotent=idempotent),
+            connect_timeout=1,
+            read_timeout=1,
+            deadline=float("inf"),
+            sleep=lambda s: None,
+            retry_hint=advice,
+        )
+    assert len(exchange.attempts) == attempts
+    assert exchange.response.status_code == final
+
+
+def test_a_hinted_retry_still_spends_the_retry_budget(make_settings):
+    settings = make_settings(payment_max_retries=2)
+    with responses.RequestsMock() as mocked:
+        mocked.post(URL, status=400, json={}, headers={"Should-Retry": "true"})
+        exchange = send_with_retries(
+            build_session(settings),
+            "POST",
+            URL,
+            retry=build_retry(settings, idempotent=True),
+            connect_timeout=1,
+            read_timeout=1,
+            deadline=float("inf"),
+            sleep=lambda s: None,
+            retry_hint=advice,
+        )
+    assert len(exchange.attempts) == 3 and exchange.gave_up == "exhausted"
+    assert exchange.response.status_code == 400
+
+
 @pytest.mark.parametrize(
     ("error", "kind"),
     [
