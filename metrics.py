@@ -16,6 +16,11 @@ from prometheus_client import Counter, Gauge, Histogram
 from circuit_breaker import STATE_VALUES
 
 PAYMENTS = Counter("payments_total", "Payments by final outcome of this call", ["outcome"])
+UNKNOWN_NEAR_KEY_EXPIRY = Counter(
+    "payments_unknown_near_key_expiry_total",
+    "Reconciliation found an unknown payment in the last quarter of the provider's "
+    "idempotency key retention (PAYMENT_KEY_RETENTION)",
+)
 REFUNDS = Counter("refunds_total", "Refunds by outcome of this call", ["outcome"])
 PROVIDER_EVENTS = Counter(
     "provider_events_total",

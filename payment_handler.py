@@ -22,9 +22,9 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import metrics
 from database_config import utcnow
@@ -46,7 +46,13 @@ from log_context import bind_log_context
 from payment_client import PaymentClient
 from payment_request import PAYMENT_ID, REFUND_ID, PaymentRequest, build_request
 from payment_results import PaymentResult, ReconcileReport, RefundResult
-from payment_states import FailureCode, PaymentStatus, check_transition, is_resubmittable
+from payment_states import (
+    FailureCode,
+    PaymentStatus,
+    check_transition,
+    is_resubmittable,
+    may_transition,
+)
 from payment_store import (
     CHARGE,
     LOOKUP,
@@ -57,8 +63,8 @@ from payment_store import (
     StoredPayment,
     write_with_retries,
 )
-from providers.base import ChargeLookup, ChargeRequest, ChargeStatus, ProviderCharge
-from reconciliation import RECONCILE_BATCH, reconcile_pass
+from providers.base import ChargeLookup, ChargeRequest, ChargeStatus
+from reconciliation import RECONCILE_BATCH, charge_verdict, reconcile_pass
 from refund_store import RefundStore, SqlRefundStore
 from refunds import RefundService
 from settings import Settings, get_settings
@@ -158,19 +164,22 @@ class PaymentService:
                     metrics.observe_payment(refusal.code)
                     raise refusal
                 return self._repeat(existing, request, refusal)
-            stored, created = self.store.insert_pending(
-                NewPayment(
-                    id=new_payment_id(),
-                    idempotency_key=request.idempotency_key,
-                    transaction_id=request.transaction_id,
-                    fingerprint=request.fingerprint,
-                    amount_minor=request.amount_minor,
-                    currency=request.currency,
-                    payment_method=request.payment_method,
-                    description=request.description,
-                    metadata=request.metadata,
-                )
+            new = NewPayment(
+                id=new_payment_id(),
+                idempotency_key=request.idempotency_key,
+                transaction_id=request.transaction_id,
+                fingerprint=request.fingerprint,
+                amount_minor=request.amount_minor,
+                currency=request.currency,
+                payment_method=request.payment_method,
+                description=request.description,
+                metadata=request.metadata,
             )
+            # What this provider can never take is refused before anything is stored.
+            self.client.provider.check_charge(
+                _charge_request(StoredPayment.pending(new, self._now()))
+            )
+            stored, created = self.store.insert_pending(new)
             if not created:
                 return self._repeat(stored, request, None)
             return self._charge(stored, maybe_charged=False)
@@ -199,6 +208,10 @@ class PaymentService:
             refusal = refusal or self.client.refusal()
             if refusal is not None:
                 return self._replay_refused(existing, result, refusal)
+            if self._key_may_be_forgotten(existing):
+                settled = self._look_up_before_resubmitting(existing, result)
+                if settled is not None:
+                    return settled
             claimed = self._move(existing, Change(PENDING, "resubmitted"))
             if claimed is None:
                 raise PaymentInProgress(
@@ -207,6 +220,42 @@ class PaymentService:
                 )
             log.info("re-submitting %s payment under the same idempotency key", existing.status)
             return self._charge(claimed, maybe_charged=existing.status == UNKNOWN)
+
+    def _key_may_be_forgotten(self, payment: StoredPayment) -> bool:
+        """The provider may have forgotten the payment's key (``PAYMENT_KEY_RETENTION``):
+        re-submitting it could then charge a second time."""
+        hours = self.settings.payment_key_retention
+        return hours is not None and self._now() - payment.created_at >= timedelta(hours=hours)
+
+    def _look_up_before_resubmitting(
+        self, existing: StoredPayment, result: PaymentResult
+    ) -> PaymentResult | None:
+        """Settle ``existing`` from the provider's charges for its key; ``None`` only when
+        the provider certainly has none, so re-submitting cannot charge twice."""
+        try:
+            reply = self.client.find_charges(_lookup(existing))
+        except PaymentError as exc:
+            self.store.record_attempts(existing.id, exc.attempts, LOOKUP)
+            raise PaymentOutcomeUnknown(
+                "the provider may have forgotten this payment's idempotency key and could "
+                f"not be asked about it ({exc.code}); retry later with the same key",
+                payment=result,
+            ) from exc
+        if not reply.value:
+            self.store.record_attempts(existing.id, reply.attempts, LOOKUP)
+            log.info("no charge at the provider for a key past its retention: re-submitting")
+            return None
+        verdict = charge_verdict(reply.value)
+        if verdict is None:
+            raise PaymentInProgress("the provider is still processing this payment", payment=result)
+        current: StoredPayment | None = existing
+        if may_transition(existing.status, verdict.to_status, existing.failure_code):
+            change = replace(verdict, attempts=reply.attempts, attempt_kind=LOOKUP)
+            current = self._move(existing, change) or self.store.find_by_id(existing.id)
+        assert current is not None
+        if is_resubmittable(current.status, current.failure_code):
+            raise PaymentInProgress("this payment changed while it was looked up", payment=result)
+        return self._replay(current, PaymentResult.from_stored(current, replayed=True))
 
     @staticmethod
     def _replay(existing: StoredPayment, result: PaymentResult) -> PaymentResult:
@@ -244,6 +293,10 @@ class PaymentService:
                 reply = self.client.charge(_charge_request(stored))
             except PaymentOutcomeUnknown as exc:
                 return self._unknown(stored, exc)
+            except PaymentInProgress as exc:  # another request under our key, at the provider
+                return self._unknown(
+                    stored, PaymentOutcomeUnknown(exc.message, attempts=exc.attempts)
+                )
             except PaymentDeclined as exc:
                 log.info("payment declined by the provider (%s)", exc.code)
                 return self._failed(stored, exc)
@@ -400,19 +453,27 @@ class PaymentService:
             batch_size=batch_size,
         )
 
+    def _key_expiring(self, payment: StoredPayment) -> bool:
+        """In the last quarter of the provider's key retention."""
+        hours = self.settings.payment_key_retention
+        age = self._now() - payment.created_at
+        return hours is not None and age >= timedelta(hours=hours * 0.75)
+
     def _reconcile_one(self, payment: StoredPayment, report: ReconcileReport) -> None:
         with bind_log_context(payment_id=payment.id, transaction_id=payment.transaction_id):
             self._settle_with_provider(payment, report)
 
     def _settle_with_provider(self, payment: StoredPayment, report: ReconcileReport) -> None:
-        lookup = ChargeLookup(
-            payment_id=payment.id,
-            idempotency_key=payment.idempotency_key,
-            provider_charge_id=payment.provider_charge_id,
-            created_at=payment.created_at,
-        )
+        if payment.status == UNKNOWN and self._key_expiring(payment):
+            metrics.UNKNOWN_NEAR_KEY_EXPIRY.inc()
+            log.error(
+                "payment outcome still unknown %s after it was made; the provider forgets "
+                "its idempotency key after %s h: settle it before then",
+                self._now() - payment.created_at,
+                self.settings.payment_key_retention,
+            )
         try:
-            reply = self.client.find_charges(lookup)
+            reply = self.client.find_charges(_lookup(payment))
         except PaymentError as exc:
             report.errors += 1
             log.warning("reconciliation lookup failed (%s): %s", exc.code, exc.message)
@@ -431,6 +492,15 @@ class PaymentService:
         report.succeeded += change.to_status == SUCCEEDED
         report.failed += change.to_status == FAILED
         log.info("reconciled payment: %s -> %s", payment.status, change.to_status)
+
+
+def _lookup(payment: StoredPayment) -> ChargeLookup:
+    return ChargeLookup(
+        payment_id=payment.id,
+        idempotency_key=payment.idempotency_key,
+        provider_charge_id=payment.provider_charge_id,
+        created_at=payment.created_at,
+    )
 
 
 def _charge_request(payment: StoredPayment) -> ChargeRequest:
@@ -456,36 +526,6 @@ def _still_unknown(exc: PaymentError) -> PaymentOutcomeUnknown:
     )
     unknown.__cause__ = exc
     return unknown
-
-
-def charge_verdict(charges: Sequence[ProviderCharge]) -> Change | None:
-    """What the provider's charges for one key settle a payment to; ``None``: not yet."""
-    succeeded = [c for c in charges if c.status is ChargeStatus.SUCCEEDED]
-    if len(succeeded) > 1:
-        log.error(
-            "the provider holds %d succeeded charges under one idempotency key: %s",
-            len(succeeded),
-            ", ".join(c.id for c in succeeded),
-        )
-    if succeeded:
-        return Change(SUCCEEDED, "reconciled", provider_charge_id=succeeded[0].id)
-    if not charges:
-        return Change(
-            FAILED,
-            "reconciled",
-            failure_code=FailureCode.NOT_RECEIVED,
-            failure_message="the provider has no charge for this idempotency key",
-        )
-    if all(c.status is ChargeStatus.FAILED for c in charges):
-        last = charges[-1]
-        return Change(
-            FAILED,
-            "reconciled",
-            provider_charge_id=last.id,
-            failure_code=last.failure_code or FailureCode.CHARGE_FAILED,
-            failure_message=last.failure_message,
-        )
-    return None
 
 
 # --------------------------------------------------------------------------- module API

@@ -30,7 +30,7 @@ import metrics
 from database_config import utcnow
 from errors import PaymentError
 from event_store import SqlEventStore, StoredEvent
-from payment_handler import PaymentService, charge_verdict
+from payment_handler import PaymentService
 from payment_states import PaymentStatus, RefundState, may_refund_transition, may_transition
 from payment_store import LOOKUP, Change
 from providers.base import (
@@ -41,9 +41,9 @@ from providers.base import (
     RefundLookup,
     RefundStatus,
 )
+from reconciliation import charge_verdict, refund_verdict
 from refund_store import LOOKUP as REFUND_LOOKUP
 from refund_store import RefundChange
-from refunds import refund_verdict
 
 log = logging.getLogger(__name__)
 

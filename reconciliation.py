@@ -1,4 +1,4 @@
-"""One reconciliation pass: the loop shared by payments and refunds.
+"""One reconciliation pass, shared by payments and refunds, and what a lookup settles.
 
 Rows (payments or refunds) waiting for the provider's verdict are leased in batches,
 oldest first, and each is looked up at most once per pass, even when a lease expires
@@ -16,7 +16,10 @@ from typing import Protocol, TypeVar
 
 from errors import DatabaseUnavailable, PaymentServiceUnavailable
 from payment_results import ReconcileReport
-from payment_store import ReconcileClaim
+from payment_states import FailureCode, PaymentStatus, RefundState
+from payment_store import Change, ReconcileClaim
+from providers.base import ChargeStatus, ProviderCharge, ProviderRefund, RefundStatus
+from refund_store import RefundChange
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,3 +97,63 @@ def reconcile_pass(
             except Exception:  # one bad row must not stop the others
                 report.errors += 1
                 log.exception("could not reconcile %s; the next run retries it", row.id)
+
+
+def charge_verdict(charges: Sequence[ProviderCharge]) -> Change | None:
+    """What the provider's charges for one key settle a payment to; ``None``: not yet."""
+    succeeded = [c for c in charges if c.status is ChargeStatus.SUCCEEDED]
+    if len(succeeded) > 1:
+        log.error(
+            "the provider holds %d succeeded charges under one idempotency key: %s",
+            len(succeeded),
+            ", ".join(c.id for c in succeeded),
+        )
+    if succeeded:
+        return Change(PaymentStatus.SUCCEEDED, "reconciled", provider_charge_id=succeeded[0].id)
+    if not charges:
+        return Change(
+            PaymentStatus.FAILED,
+            "reconciled",
+            failure_code=FailureCode.NOT_RECEIVED,
+            failure_message="the provider has no charge for this idempotency key",
+        )
+    if all(c.status is ChargeStatus.FAILED for c in charges):
+        last = charges[-1]
+        return Change(
+            PaymentStatus.FAILED,
+            "reconciled",
+            provider_charge_id=last.id,
+            failure_code=last.failure_code or FailureCode.CHARGE_FAILED,
+            failure_message=last.failure_message,
+        )
+    return None
+
+
+def refund_verdict(refunds: Sequence[ProviderRefund]) -> RefundChange | None:
+    """What the provider's refunds under one key settle a refund to; ``None``: not yet."""
+    succeeded = [r for r in refunds if r.status is RefundStatus.SUCCEEDED]
+    if succeeded:
+        if len(succeeded) > 1:
+            log.error(
+                "the provider holds %d succeeded refunds under one idempotency key: %s",
+                len(succeeded),
+                ", ".join(r.id for r in succeeded),
+            )
+        return RefundChange(RefundState.SUCCEEDED, "reconciled", provider_refund_id=succeeded[0].id)
+    if not refunds:
+        return RefundChange(
+            RefundState.FAILED,
+            "reconciled",
+            failure_code=FailureCode.NOT_RECEIVED,
+            failure_message="the provider has no refund for this idempotency key",
+        )
+    if all(r.status is RefundStatus.FAILED for r in refunds):
+        last = refunds[-1]
+        return RefundChange(
+            RefundState.FAILED,
+            "reconciled",
+            provider_refund_id=last.id,
+            failure_code=last.failure_code or "refund_failed",
+            failure_message=last.failure_message,
+        )
+    return None

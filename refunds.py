@@ -27,6 +27,7 @@ from database_config import utcnow
 from errors import (
     DatabaseUnavailable,
     IdempotencyKeyReused,
+    InvalidPaymentRequest,
     PaymentDeclined,
     PaymentError,
     PaymentInProgress,
@@ -49,7 +50,7 @@ from payment_states import (
 )
 from payment_store import PaymentStore, write_with_retries
 from providers.base import ProviderRefund, RefundLookup, RefundRequest, RefundStatus
-from reconciliation import RECONCILE_BATCH, reconcile_pass
+from reconciliation import RECONCILE_BATCH, reconcile_pass, refund_verdict
 from refund_store import (
     LOOKUP,
     REFUND,
@@ -205,6 +206,18 @@ class RefundService:
                 reply = self.client.refund(_refund_request(refund, payment.provider_charge_id))
             except PaymentOutcomeUnknown as exc:
                 return self._settle_raising(refund, exc, RefundChange(UNKNOWN, exc.code), "unknown")
+            except PaymentInProgress as exc:  # another request under our key, at the provider
+                unknown = PaymentOutcomeUnknown(exc.message, attempts=exc.attempts)
+                return self._settle_raising(
+                    refund, unknown, RefundChange(UNKNOWN, exc.code), "unknown"
+                )
+            except InvalidPaymentRequest as exc:  # the adapter refused to build the request
+                if exc.attempts or maybe_sent:  # only a request never sent is certainly not
+                    unknown = PaymentOutcomeUnknown(exc.message, attempts=exc.attempts)
+                    return self._settle_raising(
+                        refund, unknown, RefundChange(UNKNOWN, exc.code), "unknown"
+                    )
+                return self._failed(refund, exc)
             except (RefundNotAllowed, PaymentDeclined) as exc:
                 log.info("refund refused by the provider (%s)", exc.code)
                 return self._failed(refund, exc)
@@ -382,36 +395,6 @@ class RefundService:
             report.succeeded += change.to_status == SUCCEEDED
             report.failed += change.to_status == FAILED
             log.info("reconciled refund: %s -> %s", refund.status, change.to_status)
-
-
-def refund_verdict(refunds: Sequence[ProviderRefund]) -> RefundChange | None:
-    """What the provider's refunds under one key settle a refund to; ``None``: not yet."""
-    succeeded = [r for r in refunds if r.status is RefundStatus.SUCCEEDED]
-    if succeeded:
-        if len(succeeded) > 1:
-            log.error(
-                "the provider holds %d succeeded refunds under one idempotency key: %s",
-                len(succeeded),
-                ", ".join(r.id for r in succeeded),
-            )
-        return RefundChange(SUCCEEDED, "reconciled", provider_refund_id=succeeded[0].id)
-    if not refunds:
-        return RefundChange(
-            FAILED,
-            "reconciled",
-            failure_code=FailureCode.NOT_RECEIVED,
-            failure_message="the provider has no refund for this idempotency key",
-        )
-    if all(r.status is RefundStatus.FAILED for r in refunds):
-        last = refunds[-1]
-        return RefundChange(
-            FAILED,
-            "reconciled",
-            provider_refund_id=last.id,
-            failure_code=last.failure_code or "refund_failed",
-            failure_message=last.failure_message,
-        )
-    return None
 
 
 def _stored_failure(refund: StoredRefund, result: RefundResult) -> PaymentError:

@@ -271,6 +271,12 @@ class PaymentProvider(Protocol):
 
     name: str
 
+    def check_charge(self, request: ChargeRequest) -> None:
+        """Refuse a payment this provider can never take (``InvalidPaymentRequest``:
+        a payment method, amount or metadata outside its rules), before anything is
+        stored or sent."""
+        ...
+
     def charge(self, transport: Transport, request: ChargeRequest) -> ProviderCharge:
         """Charge once under ``request.idempotency_key``; the charge if ``succeeded`` or
         ``pending``. Raises ``PaymentDeclined``, ``PaymentServiceUnavailable``,

@@ -69,6 +69,9 @@ class SandboxProvider:
     def __init__(self, settings: Settings):
         self._headers = {"Authorization": f"Bearer {settings.payment_api_key}"}
 
+    def check_charge(self, request: ChargeRequest) -> None:
+        """The sandbox takes any payment ``payment_request`` accepts."""
+
     def charge(self, transport: Transport, request: ChargeRequest) -> ProviderCharge:
         body = {
             "amount": request.amount_minor,

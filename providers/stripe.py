@@ -213,6 +213,14 @@ class StripeProvider:
 
     # -- payments ------------------------------------------------------------------------
 
+    def check_charge(self, request: ChargeRequest) -> None:
+        _payment_method(request.payment_method)
+        stripe_amount(request.amount_minor, request.currency, charge=True)
+        _metadata(
+            request.metadata,
+            {PAYMENT_ID: request.payment_id, IDEMPOTENCY_KEY: request.idempotency_key},
+        )
+
     def charge(self, transport: Transport, request: ChargeRequest) -> ProviderCharge:
         payment_method = _payment_method(request.payment_method)
         amount = stripe_amount(request.amount_minor, request.currency, charge=True)

@@ -59,6 +59,9 @@ class ScriptedProvider:
         self.refund_calls: list[RefundRequest] = []
         self.refund_lookups: list[RefundLookup] = []
 
+    def check_charge(self, request: ChargeRequest) -> None:
+        """Takes any payment."""
+
     def charge(self, transport: Transport, request: ChargeRequest) -> ProviderCharge:
         self.charge_calls.append(request)
         step = self.script.popleft() if self.script else SUCCEED
