@@ -64,7 +64,7 @@ from payment_store import (
     write_with_retries,
 )
 from providers.base import ChargeLookup, ChargeRequest, ChargeStatus
-from reconciliation import RECONCILE_BATCH, charge_verdict, reconcile_pass
+from reconciliation import RECONCILE_BATCH, charge_verdict, in_flight_left, reconcile_pass
 from refund_store import RefundStore, SqlRefundStore
 from refunds import RefundService
 from settings import Settings, get_settings
@@ -198,9 +198,11 @@ class PaymentService:
                     payment=PaymentResult.from_stored(existing),
                 )
             if existing.status == PENDING:
+                # Until its charge cannot be in flight, nobody can say it was not made.
                 raise PaymentInProgress(
                     "a payment with this idempotency key is still in progress",
                     payment=PaymentResult.from_stored(existing),
+                    retry_after=max(1.0, in_flight_left(existing, self.settings, self._now())),
                 )
             result = PaymentResult.from_stored(existing, replayed=True)
             if not is_resubmittable(existing.status, existing.failure_code):
@@ -480,9 +482,14 @@ class PaymentService:
             self.store.record_attempts(payment.id, exc.attempts, LOOKUP)
             return
         verdict = charge_verdict(reply.value)
-        if verdict is None:
+        if verdict is None or (
+            not reply.value and in_flight_left(payment, self.settings, self._now())
+        ):
+            # Pending at the provider, or "never saw it" while the charge may be in flight.
             report.still_pending += 1
             self.store.record_attempts(payment.id, reply.attempts, LOOKUP)
+            if verdict is not None:
+                self.store.release([payment.id])
             return
         change = replace(verdict, attempts=reply.attempts, attempt_kind=LOOKUP)
         if self._move(payment, change) is None:

@@ -5,6 +5,9 @@ oldest first, and each is looked up at most once per pass, even when a lease exp
 during the run (keyset on ``(updated_at, id)`` after the previous batch). A lease covers
 every lookup of its batch up to its deadline. The pass stops, and frees what it has not
 looked up, as soon as the provider is unavailable: asking it then would only fail.
+
+A final answer from the provider settles a row at once, whatever its age; only "never
+saw it" about a ``pending`` row must wait until its request cannot be in flight.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class Reconcilable(Protocol):
     def id(self) -> str: ...
 
     @property
+    def status(self) -> str: ...
+
+    @property
     def updated_at(self) -> datetime: ...
 
 
@@ -41,8 +47,15 @@ Row = TypeVar("Row", bound=Reconcilable)
 
 def in_flight_seconds(settings: Settings) -> float:
     """How long a ``pending`` row's request may still be in flight: a provider cannot
-    list an unfinished charge or refund, so asking before would say "never saw it"."""
+    list an unfinished charge or refund, so before that "never saw it" proves nothing."""
     return settings.payment_deadline + settings.db_pool_timeout + 1
+
+
+def in_flight_left(row: Reconcilable, settings: Settings, now: datetime) -> float:
+    """Seconds until a ``pending`` row's request cannot be in flight any more (0: past)."""
+    if row.status != PaymentStatus.PENDING:
+        return 0.0
+    return max(0.0, in_flight_seconds(settings) - (now - row.updated_at).total_seconds())
 
 
 def reconcile_pass(
@@ -60,7 +73,6 @@ def reconcile_pass(
     report = ReconcileReport()
     started = now()
     lease = max(60.0, batch_size * (settings.payment_deadline + 1))
-    pending_age = max(older_than_seconds, in_flight_seconds(settings))
     after: tuple[datetime, str] | None = None
     while True:
         refused = refusal()
@@ -70,7 +82,7 @@ def reconcile_pass(
         batch = claim(
             ReconcileClaim(
                 unknown_before=started - timedelta(seconds=older_than_seconds),
-                pending_before=started - timedelta(seconds=pending_age),
+                pending_before=started - timedelta(seconds=older_than_seconds),
                 lease_until=now() + timedelta(seconds=lease),
                 limit=batch_size,
                 after=after,

@@ -50,7 +50,7 @@ from payment_states import (
 )
 from payment_store import PaymentStore, write_with_retries
 from providers.base import ProviderRefund, RefundLookup, RefundRequest, RefundStatus
-from reconciliation import RECONCILE_BATCH, reconcile_pass, refund_verdict
+from reconciliation import RECONCILE_BATCH, in_flight_left, reconcile_pass, refund_verdict
 from refund_store import (
     LOOKUP,
     REFUND,
@@ -171,7 +171,9 @@ class RefundService:
             )
         if existing.status == PENDING:
             raise PaymentInProgress(
-                "a refund with this idempotency key is still in progress", refund=result
+                "a refund with this idempotency key is still in progress",
+                refund=result,
+                retry_after=max(1.0, in_flight_left(existing, self.settings, self._now())),
             )
         if not is_resubmittable(existing.status, existing.failure_code):
             if existing.status == FAILED:
@@ -381,9 +383,13 @@ class RefundService:
                 self.store.record_refund_attempts(refund.id, exc.attempts, LOOKUP)
                 return
             verdict = refund_verdict(reply.value)
-            if verdict is None:
+            if verdict is None or (
+                not reply.value and in_flight_left(refund, self.settings, self._now())
+            ):
                 report.still_pending += 1
                 self.store.record_refund_attempts(refund.id, reply.attempts, LOOKUP)
+                if verdict is not None:
+                    self.store.release_refunds([refund.id])
                 return
             change = RefundChange(
                 **{**verdict.__dict__, "attempts": reply.attempts, "attempt_kind": LOOKUP}

@@ -152,3 +152,32 @@ def test_reconcile_during_an_in_flight_charge_leaves_it_alone(
     assert response.status_code == 201
     assert payment_by_key(service.database_url, key)["status"] == "succeeded"
     assert_books_balance(service.database_url, sandbox)
+
+
+def test_after_a_crash_one_reconcile_run_settles_a_charge_the_provider_made(
+    sandbox, start_service
+):
+    """No waiting out the in-flight window when the provider has a final answer: an
+    operator's ``payments reconcile --older-than 0`` settles it at once, and a retry
+    meanwhile is told (``Retry-After``) when the payment could be re-submitted."""
+    env = {**SLOW_PROVIDER_ENV, "PAYMENT_DEADLINE": "30", "PAYMENT_READ_TIMEOUT": "30"}
+    service = start_service(**env)  # in-flight window: 30 + 1 + 1 = 32 s
+    sandbox.set_faults(hang_after_commit=True)  # charged; the answer never comes
+    key = new_key()
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(pay_expecting_crash, service, key)
+        sandbox.wait_for_state(lambda s: s["charges"] == 1, 10)
+        kill_worker(service)
+        assert isinstance(answer.result(timeout=30), requests.ConnectionError)
+    sandbox.set_faults()
+
+    conflict = service.pay(key)
+    assert conflict.status_code == 409 and conflict.json()["code"] == "payment_in_progress"
+    assert 20 <= int(conflict.headers["Retry-After"]) <= 32
+
+    report = service.reconcile(older_than=0)  # once, well inside the window
+    assert report["succeeded"] == 1, report
+    (charge,) = sandbox.ledger()
+    settled = payment_by_key(service.database_url, key)
+    assert (settled["status"], settled["provider_charge_id"]) == ("succeeded", charge["id"])
+    assert_books_balance(service.database_url, sandbox)

@@ -369,10 +369,11 @@ def test_crash_mid_charge_leaves_pending_that_reconciliation_settles(payments, s
     with db.transaction() as conn:
         stored = conn.execute(select(db.payments).where(db.payments.c.transaction_id == tx)).one()
     assert stored.status == "pending"
-    # While its charge may still be in flight, reconciliation leaves it alone ...
-    assert reconcile_payments(older_than_seconds=0).examined == 0
+    # While its charge may still be in flight, "never saw it" settles nothing ...
+    early = reconcile_payments(older_than_seconds=0)
+    assert early.failed == 0 and row(stored.id).status == "pending"
     sandbox.wait_for_state(lambda s: s["charges"] >= 1, 10)  # the provider finished it
-    # ... and settles it to the provider's truth once it cannot be in flight any more.
+    # ... and the provider's final answer settles it at once.
     deadline = time.monotonic() + 10
     while row(stored.id).status == "pending" and time.monotonic() < deadline:
         reconcile_payments(older_than_seconds=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from errors import PaymentOutcomeUnknown, PaymentServiceUnavailable
+from errors import PaymentInProgress, PaymentOutcomeUnknown, PaymentServiceUnavailable
 from payment_states import PaymentStatus
 from providers.base import ChargeStatus, ProviderCharge
 from tests.support.scripted_provider import LOST_ANSWER, NO_ANSWER, PENDING
@@ -62,18 +62,41 @@ def test_payments_younger_than_the_threshold_are_left_alone(lifecycle, fake_cloc
     assert life.stored().status == PaymentStatus.UNKNOWN
 
 
-def test_a_pending_payment_waits_until_its_charge_cannot_be_in_flight(lifecycle, fake_clock):
-    """PAYMENT_DEADLINE 15 + DB_POOL_TIMEOUT 5 + 1 = 21 s, even with --older-than 0."""
+def test_a_pending_payment_the_provider_settled_is_settled_at_once(lifecycle, fake_clock):
+    """A final answer settles a payment whatever its age, even inside its in-flight window."""
     life = lifecycle(PENDING)
     life.pay()
-    fake_clock.advance(20)
-    assert life.service.reconcile(0).examined == 0
-    fake_clock.advance(2)
+    fake_clock.advance(1)
     report = life.service.reconcile(0)
-    assert report.still_pending == 1  # the provider is still processing it
+    assert (report.examined, report.still_pending) == (1, 1)  # still processing there
     life.provider.settle("order-1", ChargeStatus.SUCCEEDED)
     fake_clock.advance(400)  # past the lease the previous run left on it
     assert life.service.reconcile(0).succeeded == 1
+
+
+def test_never_seen_settles_a_pending_payment_only_once_it_cannot_be_in_flight(
+    lifecycle, fake_clock
+):
+    """PAYMENT_DEADLINE 15 + DB_POOL_TIMEOUT 5 + 1 = 21 s, even with --older-than 0."""
+    life = lifecycle(PENDING)
+    life.pay()
+    life.provider.ledger.clear()  # as if the charge had not reached the provider yet
+    fake_clock.advance(20)
+    report = life.service.reconcile(0)
+    assert (report.examined, report.still_pending, report.failed) == (1, 1, 0)
+    assert life.stored().status == PaymentStatus.PENDING
+    fake_clock.advance(2)  # its lease was given back: the next run looks again
+    report = life.service.reconcile(0)
+    assert report.failed == 1 and life.stored().failure_code == "not_received"
+
+
+def test_a_call_meanwhile_is_told_when_the_payment_can_be_resubmitted(lifecycle, fake_clock):
+    life = lifecycle(PENDING)
+    life.pay()
+    fake_clock.advance(5)
+    with pytest.raises(PaymentInProgress) as in_progress:
+        life.pay()
+    assert in_progress.value.retry_after == pytest.approx(16)
 
 
 def test_a_verdict_about_an_older_version_is_discarded(lifecycle, fake_clock):
