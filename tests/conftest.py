@@ -123,3 +123,22 @@ def localstripe():
     with LocalStripeProcess() as process:
         yield process
 
+
+@pytest.fixture
+def pgbouncer():
+    """Start private PgBouncers (transaction pooling) in front of test databases.
+
+    ``pgbouncer(database_url, pool_size=..., **ini_settings)`` returns a running
+    :class:`tests.support.pgbouncer.PgBouncerProcess`; all are stopped when the test ends.
+    Request this fixture before the services that use it, so they stop first.
+    """
+    from contextlib import ExitStack
+
+    from tests.support.pgbouncer import PgBouncerProcess
+
+    with ExitStack() as stack:
+
+        def start(database_url: str, **settings) -> PgBouncerProcess:
+            return stack.enter_context(PgBouncerProcess(database_url, **settings))
+
+        yield start
