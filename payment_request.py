@@ -160,7 +160,11 @@ def build_request(
     currency = currency if currency is not None else settings.payment_currency
     if not isinstance(currency, str):
         raise InvalidPaymentRequest("currency must be a string", code="invalid_currency")
-    currency = currency.strip().upper()
+    if not currency.isascii():  # only ASCII letters fold: "uſd".upper() is "USD"
+        raise InvalidPaymentRequest(
+            f"unsupported currency: {currency[:16]!r}", code="invalid_currency"
+        )
+    currency = currency.upper()  # any letter case; nothing around the code
     amount_minor = to_minor_units(amount, currency, max_usd=settings.payment_max_amount)
     _check_text("payment_method", payment_method, 64, required=True)
     if transaction_id is not None:

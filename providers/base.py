@@ -125,7 +125,7 @@ class ProviderCharge:
             raise InvalidProviderData(
                 f"unexpected charge status {str(self.status)[:32]!r}"
             ) from None
-        _check_amount("charge", self.amount_minor)
+        object.__setattr__(self, "amount_minor", _minor_units("charge", self.amount_minor))
         object.__setattr__(self, "status", status)
         object.__setattr__(self, "currency", _currency("charge", self.currency))
         object.__setattr__(self, "failure_code", _bounded(self.failure_code, MAX_CODE_LENGTH))
@@ -156,7 +156,7 @@ class ProviderRefund:
             raise InvalidProviderData(
                 f"unexpected refund status {str(self.status)[:32]!r}"
             ) from None
-        _check_amount("refund", self.amount_minor)
+        object.__setattr__(self, "amount_minor", _minor_units("refund", self.amount_minor))
         object.__setattr__(self, "status", status)
         object.__setattr__(self, "currency", _currency("refund", self.currency))
         object.__setattr__(self, "failure_code", _bounded(self.failure_code, MAX_CODE_LENGTH))
@@ -175,17 +175,25 @@ def _check_id(what: str, value: object) -> None:
         raise InvalidProviderData(f"{what} id {str(value)[:40]!r} is not a provider id")
 
 
-def _check_amount(what: str, amount: object) -> None:
+def _minor_units(what: str, amount: object) -> int | None:
+    """``amount`` as whole minor units; JSON's ``5.0`` is the integer 5, ``5.5`` is not."""
+    if isinstance(amount, float) and amount.is_integer():
+        amount = int(amount)
     if amount is not None and (
         isinstance(amount, bool) or not isinstance(amount, int) or amount < 0
     ):
         raise InvalidProviderData(f"{what} amount {str(amount)[:32]!r} is not minor units")
+    return amount
 
 
 def _currency(what: str, currency: object) -> str | None:
     if currency is None:
         return None
-    if not isinstance(currency, str) or len(currency) != 3 or not currency.isalpha():
+    if (
+        not isinstance(currency, str)
+        or len(currency) != 3
+        or not (currency.isascii() and currency.isalpha())
+    ):
         raise InvalidProviderData(f"{what} currency {str(currency)[:8]!r} is not ISO 4217")
     return currency.upper()
 

@@ -272,21 +272,25 @@ EVENT_OBJECTS = {
 
 
 def _event(payload: bytes) -> ProviderEvent:
-    """A verified sandbox event body as a :class:`ProviderEvent`."""
+    """A verified sandbox event body as a :class:`ProviderEvent`. The sandbox sends only
+    the four types of ``EVENT_OBJECTS``: anything else is not one of its events."""
     try:
         body = json.loads(payload)
-        event_type = str(body["type"])
-        created = datetime.fromtimestamp(int(body["created"]), UTC)
-        parse = EVENT_OBJECTS.get(event_type)
-        item = body["data"]["object"] if parse is not None else None
-        parsed = parse(item) if parse is not None else None
+        parse = EVENT_OBJECTS[body["type"]]
+        created = body["created"]
+        if isinstance(created, float) and created.is_integer():
+            created = int(created)  # JSON's 5.0 is the integer 5
+        if isinstance(created, bool) or not isinstance(created, int) or created < 0:
+            raise TypeError("created is not a whole number of seconds since 1970")
+        item = body["data"]["object"]
+        parsed = parse(item)
         return ProviderEvent(
             id=body["id"],
-            type=event_type,
-            created=created,
+            type=body["type"],
+            created=datetime.fromtimestamp(created, UTC),
             charge=parsed if isinstance(parsed, ProviderCharge) else None,
             refund=parsed if isinstance(parsed, ProviderRefund) else None,
-            idempotency_key=item.get("idempotency_key") if isinstance(item, dict) else None,
+            idempotency_key=item.get("idempotency_key"),
         )
     except (ValueError, KeyError, TypeError, OverflowError, OSError) as exc:
         raise InvalidEvent(

@@ -67,3 +67,15 @@ def test_metadata_keys_that_differ_only_by_card_numbers_are_refused():
         build(metadata={VISA: "a", MASTERCARD: "b"})
     assert info.value.code == "invalid_metadata"
     assert VISA not in str(info.value)
+
+
+@pytest.mark.parametrize("currency", ["usd", "Usd", "USD"])
+def test_a_currency_code_is_taken_in_any_letter_case(currency):
+    assert build(currency=currency).currency == "USD"
+
+
+@pytest.mark.parametrize("currency", [" USD", "usd\n", "\fUSD ", "uſd", "ＵＳＤ"])
+def test_a_currency_code_with_text_around_it_or_non_ascii_letters_is_refused(currency):
+    with pytest.raises(InvalidPaymentRequest) as refused:
+        build(currency=currency)
+    assert refused.value.code == "invalid_currency"
