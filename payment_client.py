@@ -86,11 +86,14 @@ class _Operation:
     kind: str
     deadline: float
     attempts: list[Attempt] = field(default_factory=list)
+    #: Attempts of requests that can move money (anything but a GET).
+    moving: list[Attempt] = field(default_factory=list)
 
     @property
     def may_have_been_processed(self) -> bool:
-        """Some request was sent without an answer: assume the provider processed it."""
-        return any(a.may_have_been_processed for a in self.attempts)
+        """A request that can move money was sent without an answer: assume the provider
+        processed it. A read (a GET) that got no answer moved nothing."""
+        return any(a.may_have_been_processed for a in self.moving)
 
     def send(
         self,
@@ -128,8 +131,10 @@ class _Operation:
             params=params,
         )
         self.attempts.extend(exchange.attempts)
+        if method != "GET":
+            self.moving.extend(exchange.attempts)
         if exchange.response is None:
-            raise self._no_answer(exchange)
+            raise self._no_answer(exchange, moves_money=method != "GET")
         return Answer(exchange.response, exchange.retry_after, _summary(exchange))
 
     def _observe(self, attempt: Attempt) -> None:
@@ -141,7 +146,7 @@ class _Operation:
                 extra={"attempt": attempt.number, "timeout_kind": attempt.error_kind},
             )
 
-    def _no_answer(self, exchange: Exchange) -> PaymentError:
+    def _no_answer(self, exchange: Exchange, *, moves_money: bool) -> PaymentError:
         """A request that got no answer: whether it may have arrived decides everything."""
         if exchange.error_kind == POOL_BUSY:
             return self.client.pool_busy()
@@ -151,7 +156,7 @@ class _Operation:
                 "TLS handshake with the payment provider failed (check REQUESTS_CA_BUNDLE)",
                 code=FailureCode.PROVIDER_TLS_ERROR,
             )
-        if exchange.may_have_been_processed:
+        if moves_money and exchange.may_have_been_processed:
             return PaymentOutcomeUnknown(
                 f"no answer from the provider after sending the {self.kind} "
                 f"({_summary(exchange)}); reconciliation will settle it"
@@ -334,7 +339,7 @@ def _unsettled(exc: PaymentError, transport: _Operation) -> PaymentError:
         exc, PaymentServiceUnavailable | PaymentProviderError
     ):
         return exc
-    sent = next(a for a in transport.attempts if a.may_have_been_processed)
+    sent = next(a for a in transport.moving if a.may_have_been_processed)
     return PaymentOutcomeUnknown(
         f"attempt {sent.number} may have reached the provider ({sent.error}), and the "
         f"answer that followed does not settle it ({exc.code}: {exc.message}); "

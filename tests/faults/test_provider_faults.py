@@ -7,6 +7,9 @@ reconciliation settles an unknown outcome to, and that the books balance afterwa
 
 ``docs/RELIABILITY.md`` carries the table :func:`markdown_table` renders from ``ROWS``
 (print it with ``python -m tests.faults.test_provider_faults``); a test keeps it current.
+Its last column is the same fault on the Stripe path, from ``STRIPE`` (keyed by the
+row's fault), asserted by tests/faults/test_stripe_faults.py (end to end, against
+localstripe behind a fault proxy) and tests/unit/test_stripe_faults.py (``responses``).
 """
 
 from __future__ import annotations
@@ -314,6 +317,133 @@ ROWS = [
 ]
 
 
+# --------------------------------------------------------------------------- the Stripe path
+
+#: How a Stripe row was run: tests/faults/test_stripe_faults.py (gunicorn, the fault
+#: proxy, localstripe), tests/unit/test_stripe_faults.py (PaymentClient, StripeProvider
+#: and the lifecycle over ``responses``), or the first up to the ``unknown`` answer and
+#: the second for reconciliation, which lists PaymentIntents by ``created``: localstripe
+#: has no such filter.
+END_TO_END = "end to end"
+UNIT = "unit (responses)"
+RECONCILED_IN_UNIT = "end to end, reconcile unit (responses)"
+
+
+@dataclass(frozen=True)
+class StripeRow:
+    """The same fault on the Stripe path (``PAYMENT_PROVIDER=stripe``, DESIGN.md 5b).
+
+    ``status``, ``retry_after``, ``stored`` and ``settled`` mean what they mean in
+    :class:`Row`. ``requests`` counts the ``POST /v1/payment_intents`` that reached
+    Stripe (the fault proxy's count end to end, ``responses``' in unit tests);
+    ``intents`` the PaymentIntents Stripe holds under the key afterwards (localstripe's,
+    or the scripted Stripe's); ``attempts`` our audit rows: every charge first reads its
+    PaymentMethod (``GET /v1/payment_methods/<id>``), one attempt more than the
+    sandbox's. ``run`` is how it was run; ``note`` says why the outcome is not the
+    sandbox's, or what stopped it.
+    """
+
+    status: int
+    stored: str
+    requests: int
+    intents: int
+    attempts: int
+    run: str
+    retry_after: str | None = None
+    settled: str = ""
+    note: str = ""
+
+
+def _unknown_on_stripe(requests: int, settled: str, run: str = RECONCILED_IN_UNIT, **kw):
+    intents = 1 if settled == "succeeded" else 0
+    return StripeRow(202, "unknown", requests, intents, requests + 1, run, settled=settled, **kw)
+
+
+def _unavailable_on_stripe(requests: int, retry_after: str, **kw) -> StripeRow:
+    return StripeRow(
+        503,
+        "failed: provider_unavailable",
+        requests,
+        0,
+        requests + 1,
+        END_TO_END,
+        retry_after=retry_after,
+        **kw,
+    )
+
+
+FIVE_XX = 'Stripe may have acted on a 5xx, so it is not "certainly not charged"'
+REPLAYED = "Stripe replays the first request's answer under the key"
+METHOD_READ_FAILS = "the PaymentMethod read fails first: no PaymentIntent request"
+
+STRIPE: dict[str, StripeRow] = {
+    "healthy provider": StripeRow(201, "succeeded", 1, 1, 2, END_TO_END),
+    "connection refused": StripeRow(
+        503, "failed: provider_unavailable", 0, 0, 3, END_TO_END, "5", note=METHOD_READ_FAILS
+    ),
+    "connect timeout (accept queue full)": StripeRow(
+        503, "failed: provider_unavailable", 0, 0, 3, END_TO_END, "5", note=METHOD_READ_FAILS
+    ),
+    "read timeout (provider takes 1 s, then charges)": _unknown_on_stripe(
+        3,
+        "succeeded",
+        UNIT,
+        note="while the first request runs, Stripe answers the retries 409 "
+        "`idempotency_key_in_use` without Retry-After (the sandbox's 409 says 1 s)",
+    ),
+    "hang (never answers, never charges)": _unknown_on_stripe(3, "failed: not_received"),
+    "hang after charging": StripeRow(201, "succeeded", 2, 1, 3, UNIT, note=REPLAYED),
+    "connection reset before the charge": StripeRow(201, "succeeded", 2, 1, 3, END_TO_END),
+    "connection reset mid-response (after charging)": StripeRow(
+        201, "succeeded", 2, 1, 3, UNIT, note=REPLAYED
+    ),
+    **{
+        f"{status} on every attempt": _unknown_on_stripe(3, "failed: not_received", note=FIVE_XX)
+        for status in (500, 502, 503, 504)
+    },
+    "503 once, then healthy": StripeRow(201, "succeeded", 2, 1, 3, END_TO_END),
+    "429 with Retry-After: 1 on every attempt": _unavailable_on_stripe(3, "1"),
+    "429 with Retry-After: 30 (beyond the deadline)": _unavailable_on_stripe(1, "30"),
+    "429 without Retry-After on every attempt": _unavailable_on_stripe(3, "1"),
+    "409 in progress on every attempt": _unknown_on_stripe(3, "failed: not_received"),
+    "answer trickled a byte every 400 ms (after charging), past the 3 s deadline": (
+        _unknown_on_stripe(1, "succeeded")
+    ),
+    "read timeout, then 400 on the retry": _unknown_on_stripe(2, "failed: not_received"),
+    "malformed JSON after charging": _unknown_on_stripe(1, "succeeded"),
+    "HTML page (wrong content type) after charging": _unknown_on_stripe(1, "succeeded"),
+    "200 without `status` after charging": _unknown_on_stripe(1, "succeeded"),
+    "card declined (402)": StripeRow(
+        402,
+        "failed: card_declined",
+        1,
+        1,
+        2,
+        END_TO_END,
+        note="test card 4000000000000341",
+    ),
+    "provider refuses our API key (401)": StripeRow(
+        502,
+        "failed: provider_rejected_request",
+        0,
+        0,
+        1,
+        END_TO_END,
+        note="refused at the PaymentMethod read, logged CRITICAL by `providers.stripe`",
+    ),
+    "breaker open (after 2 failed payments)": StripeRow(
+        503,
+        "not stored",
+        0,
+        0,
+        0,
+        END_TO_END,
+        "30",
+        note="the 2 payments before it met 503s: each answered 202 `unknown`",
+    ),
+}
+
+
 @contextlib.contextmanager
 def provider_url(kind: str):
     if kind == "refused":
@@ -394,17 +524,32 @@ def markdown_table(rows: list[Row]) -> str:
     """The fault table of docs/RELIABILITY.md, rendered from what the tests assert."""
     lines = [
         "| provider fault | we answer | stored payment | charge requests at the provider "
-        "| attempts recorded | application log line | after `payments reconcile` |",
-        "|---|---|---|---|---|---|---|",
+        "| attempts recorded | application log line | after `payments reconcile` "
+        "| Stripe path: outcome; PaymentIntent requests, PaymentIntents; how it was run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         answer = f"{row.status}" + (f", Retry-After: {row.retry_after}" if row.retry_after else "")
         log = f"{row.log[0]} `{row.log[1]}`: {row.log[2]}" if row.log else "none (access log only)"
         lines.append(
             f"| {row.fault} | {answer} | {row.stored} | {row.calls} | {row.attempts} "
-            f"| {log} | {row.settled or '-'} |"
+            f"| {log} | {row.settled or '-'} | {stripe_cell(STRIPE[row.fault])} |"
         )
     return "\n".join(lines)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def stripe_cell(row: StripeRow) -> str:
+    """The Stripe column: e.g. ``202 unknown -> reconciled succeeded; 1 request, 1
+    PaymentIntent; end to end, reconcile unit (responses)``, then the note."""
+    answer = f"{row.status}" + (f" (Retry-After: {row.retry_after})" if row.retry_after else "")
+    outcome = f"{answer} {row.stored}" + (f" -> reconciled {row.settled}" if row.settled else "")
+    counts = f"{_plural(row.requests, 'request')}, {_plural(row.intents, 'PaymentIntent')}"
+    note = f". {row.note[0].upper()}{row.note[1:]}" if row.note else ""
+    return f"{outcome}; {counts}; {row.run}{note}"
 
 
 def test_reliability_doc_shows_the_asserted_matrix():
