@@ -315,7 +315,9 @@ class PaymentService:
                 raise
             if reply.value.status is ChargeStatus.PENDING:
                 metrics.observe_payment("pending")
-                updated = self.store.record_attempts(stored.id, reply.attempts, CHARGE)
+                updated = self.store.record_attempts(
+                    stored.id, reply.attempts, CHARGE, provider_charge_id=reply.value.id
+                )
                 return PaymentResult.from_stored(updated or stored)
             final = self._store_outcome(
                 stored,

@@ -146,10 +146,15 @@ class PaymentStore(Protocol):
         ...
 
     def record_attempts(
-        self, payment_id: str, attempts: Sequence[Attempt], kind: str
+        self,
+        payment_id: str,
+        attempts: Sequence[Attempt],
+        kind: str,
+        provider_charge_id: str | None = None,
     ) -> StoredPayment | None:
-        """Append provider requests that changed no status; the row when ``kind`` is a
-        charge (its attempt count grows), else ``None``."""
+        """Append provider requests that changed no status (and the id of a charge the
+        provider is still processing); the row when ``kind`` is a charge (its attempt
+        count grows), else ``None``."""
         ...
 
     def claim_for_reconciliation(self, claim: ReconcileClaim) -> list[StoredPayment]: ...
@@ -191,7 +196,10 @@ _SETTLE = (
 _COUNT_ATTEMPTS = (
     db.payments.update()
     .where(_p.id == bindparam("payment_id"))
-    .values(attempts=_p.attempts + bindparam("charge_attempts"))
+    .values(
+        attempts=_p.attempts + bindparam("charge_attempts"),
+        provider_charge_id=func.coalesce(bindparam("pending_charge_id"), _p.provider_charge_id),
+    )
     .returning(*db.payments.c)
 )
 
@@ -341,6 +349,7 @@ class SqlPaymentStore:
             new_failure_message=change.failure_message,
             charge_id=change.provider_charge_id,
             charge_attempts=charge_attempts,
+            pending_charge_id=None,
             reason=change.reason[:255],
         )
         with db.transaction() as conn:
@@ -367,7 +376,11 @@ class SqlPaymentStore:
         return _from_row(row)
 
     def record_attempts(
-        self, payment_id: str, attempts: Sequence[Attempt], kind: str
+        self,
+        payment_id: str,
+        attempts: Sequence[Attempt],
+        kind: str,
+        provider_charge_id: str | None = None,
     ) -> StoredPayment | None:
         if not attempts:
             return self.find_by_id(payment_id) if kind == CHARGE else None
@@ -376,7 +389,12 @@ class SqlPaymentStore:
             if kind != CHARGE:
                 return None
             row = conn.execute(
-                _COUNT_ATTEMPTS, {"payment_id": payment_id, "charge_attempts": len(attempts)}
+                _COUNT_ATTEMPTS,
+                {
+                    "payment_id": payment_id,
+                    "charge_attempts": len(attempts),
+                    "pending_charge_id": provider_charge_id,
+                },
             ).first()
         return _from_row(row) if row is not None else None
 

@@ -44,6 +44,7 @@ from providers.base import (
 from reconciliation import charge_verdict, refund_verdict
 from refund_store import LOOKUP as REFUND_LOOKUP
 from refund_store import RefundChange
+from refunds import provider_key
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class EventApplier:
     def _apply_refund(self, event: ProviderEvent) -> EventResult:
         refunds, reported = self.service.refunds, event.refund
         assert reported is not None
-        refund = refunds.store.find_refund_by_key(event.idempotency_key or "")
+        refund = refunds.store.find_refund(event.idempotency_key or "")  # refunds.provider_key
         if refund is None:
             return EventResult.UNKNOWN
         if not event.lookup:
@@ -143,7 +144,7 @@ class EventApplier:
             RefundLookup(
                 refund.id,
                 refund.payment_id,
-                refund.idempotency_key,
+                provider_key(refund),
                 payment.provider_charge_id,
                 refund.provider_refund_id,
                 refund.created_at,

@@ -117,8 +117,15 @@ class RefundStore(Protocol):
         ...
 
     def record_refund_attempts(
-        self, refund_id: str, attempts: Sequence[Attempt], kind: str
-    ) -> StoredRefund | None: ...
+        self,
+        refund_id: str,
+        attempts: Sequence[Attempt],
+        kind: str,
+        provider_refund_id: str | None = None,
+    ) -> StoredRefund | None:
+        """Append provider requests that changed no status (and the id of a refund the
+        provider is still processing)."""
+        ...
 
     def claim_refunds_for_reconciliation(self, claim: ReconcileClaim) -> list[StoredRefund]: ...
 
@@ -184,7 +191,10 @@ _SETTLE_REFUND = (
 _COUNT_ATTEMPTS = (
     db.refunds.update()
     .where(_r.id == bindparam("refund_id"))
-    .values(attempts=_r.attempts + bindparam("refund_attempts"))
+    .values(
+        attempts=_r.attempts + bindparam("refund_attempts"),
+        provider_refund_id=func.coalesce(bindparam("pending_refund_id"), _r.provider_refund_id),
+    )
     .returning(*db.refunds.c)
 )
 
@@ -307,6 +317,7 @@ class SqlRefundStore:
             new_failure_message=change.failure_message,
             provider_id=change.provider_refund_id,
             refund_attempts=refund_attempts,
+            pending_refund_id=None,
         )
         reserve, refunded = ceiling_moves(refund.status, change.to_status)
         with db.transaction() as conn:
@@ -340,7 +351,11 @@ class SqlRefundStore:
         return _from_row(row)
 
     def record_refund_attempts(
-        self, refund_id: str, attempts: Sequence[Attempt], kind: str
+        self,
+        refund_id: str,
+        attempts: Sequence[Attempt],
+        kind: str,
+        provider_refund_id: str | None = None,
     ) -> StoredRefund | None:
         if not attempts:
             return self.find_refund(refund_id) if kind == REFUND else None
@@ -352,7 +367,12 @@ class SqlRefundStore:
             if kind != REFUND:
                 return None
             row = conn.execute(
-                _COUNT_ATTEMPTS, {"refund_id": refund_id, "refund_attempts": len(attempts)}
+                _COUNT_ATTEMPTS,
+                {
+                    "refund_id": refund_id,
+                    "refund_attempts": len(attempts),
+                    "pending_refund_id": provider_refund_id,
+                },
             ).first()
         return _from_row(row) if row is not None else None
 

@@ -247,7 +247,9 @@ class RefundService:
     ) -> RefundResult:
         if answer.status is RefundStatus.PENDING:
             metrics.observe_refund("pending")
-            updated = self.store.record_refund_attempts(refund.id, attempts, REFUND)
+            updated = self.store.record_refund_attempts(
+                refund.id, attempts, REFUND, provider_refund_id=answer.id
+            )
             return RefundResult.from_stored(updated or refund)
         if answer.status is RefundStatus.FAILED:
             declined = RefundDeclined(
@@ -370,7 +372,7 @@ class RefundService:
             lookup = RefundLookup(
                 refund_id=refund.id,
                 payment_id=refund.payment_id,
-                idempotency_key=refund.idempotency_key,
+                idempotency_key=provider_key(refund),
                 provider_charge_id=payment.provider_charge_id,
                 provider_refund_id=refund.provider_refund_id,
                 created_at=refund.created_at,
@@ -411,11 +413,19 @@ def _stored_failure(refund: StoredRefund, result: RefundResult) -> PaymentError:
     return RefundDeclined(message, code=refund.failure_code or "refund_failed", refund=result)
 
 
+def provider_key(refund: StoredRefund) -> str:
+    """The refund's ``Idempotency-Key`` at the provider: its own id, stable across every
+    re-submission. Not the caller's key: providers keep one key space across endpoints
+    (Stripe answers ``idempotency_error``, the sandbox 422), and callers naturally use
+    one order number for a payment and its refund."""
+    return refund.id
+
+
 def _refund_request(refund: StoredRefund, provider_charge_id: str) -> RefundRequest:
     return RefundRequest(
         refund_id=refund.id,
         payment_id=refund.payment_id,
-        idempotency_key=refund.idempotency_key,
+        idempotency_key=provider_key(refund),
         provider_charge_id=provider_charge_id,
         amount_minor=refund.amount_minor,
         currency=refund.currency,

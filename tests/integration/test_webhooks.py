@@ -249,7 +249,7 @@ def test_a_whole_days_events_in_any_order_leave_the_books_as_the_provider_has_th
     provider_refunds = {r["idempotency_key"]: r for r in sandbox.refunds()}
     for key, refund_id in refunds.items():
         ours = client.get(f"/v1/refunds/{refund_id}", headers=AUTH).get_json()
-        assert ours["status"] == provider_refunds[key]["status"]
+        assert ours["status"] == provider_refunds[refund_id]["status"], key
 
 
 def test_the_endpoint_answers_a_burst_without_waiting_for_events_to_be_applied(

@@ -111,7 +111,11 @@ class MemoryPaymentStore:
             return updated
 
     def record_attempts(
-        self, payment_id: str, attempts: Sequence[Attempt], kind: str
+        self,
+        payment_id: str,
+        attempts: Sequence[Attempt],
+        kind: str,
+        provider_charge_id: str | None = None,
     ) -> StoredPayment | None:
         self._enter("record_attempts")
         with self._lock:
@@ -119,7 +123,11 @@ class MemoryPaymentStore:
             if kind != CHARGE:
                 return None
             current = self.payments[payment_id]
-            updated = replace(current, attempts=current.attempts + len(attempts))
+            updated = replace(
+                current,
+                attempts=current.attempts + len(attempts),
+                provider_charge_id=provider_charge_id or current.provider_charge_id,
+            )
             self.payments[payment_id] = updated
             return updated
 
@@ -265,14 +273,22 @@ class MemoryRefundStore:
             return updated
 
     def record_refund_attempts(
-        self, refund_id: str, attempts: Sequence[Attempt], kind: str
+        self,
+        refund_id: str,
+        attempts: Sequence[Attempt],
+        kind: str,
+        provider_refund_id: str | None = None,
     ) -> StoredRefund | None:
         with self.payments._lock:
             self._record(refund_id, attempts, kind)
             if kind != REFUND:
                 return None
             current = self.refunds[refund_id]
-            updated = replace(current, attempts=current.attempts + len(attempts))
+            updated = replace(
+                current,
+                attempts=current.attempts + len(attempts),
+                provider_refund_id=provider_refund_id or current.provider_refund_id,
+            )
             self.refunds[refund_id] = updated
             return updated
 

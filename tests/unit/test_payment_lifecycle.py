@@ -311,3 +311,10 @@ def test_a_charge_for_another_amount_is_unknown_not_success(lifecycle):
         life.pay()
     assert info.value.code == "provider_amount_mismatch"
     assert life.stored().status == PaymentStatus.UNKNOWN
+
+
+def test_a_pending_payment_keeps_the_charge_id_so_it_is_looked_up_by_id(lifecycle):
+    life = lifecycle(PENDING)
+    result = life.pay()
+    assert result.status == PaymentStatus.PENDING and result.provider_charge_id == "ch_000001"
+    assert life.stored().provider_charge_id == "ch_000001"

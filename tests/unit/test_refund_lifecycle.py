@@ -126,7 +126,7 @@ def test_a_lost_answer_is_unknown_keeps_its_reservation_and_a_retry_refunds_once
 
     retried = life.refund(life.paid.id, "6.00")
     assert retried.status == RefundState.SUCCEEDED and retried.id == unknown.value.refund.id
-    assert len(life.provider.refunds["refund-1"]) == 1  # the provider replayed our key
+    assert len(life.provider.refunds[retried.id]) == 1  # the provider replayed our key
     assert ceiling(life) == (600, 600)
 
 
@@ -168,10 +168,11 @@ def test_a_pending_refund_holds_its_amount_until_reconciliation_settles_it(life,
     life.provider.refund_script.extend([PENDING])
     pending = life.refund(life.paid.id, "6.00")
     assert pending.status == RefundState.PENDING and ceiling(life) == (600, 0)
+    assert pending.provider_refund_id == "re_000001"  # kept: looked up by id later
     with pytest.raises(PaymentInProgress):
         life.refund(life.paid.id, "6.00")
 
-    life.provider.settle_refund("refund-1", RefundStatus.SUCCEEDED)
+    life.provider.settle_refund(pending.id, RefundStatus.SUCCEEDED)
     fake_clock.advance(3600)
     report = life.service.refunds.reconcile(older_than_seconds=60)
     assert (report.examined, report.succeeded) == (1, 1)
@@ -234,3 +235,12 @@ def test_a_refund_reversed_by_the_provider_gives_its_amount_back(life):
         stored, RefundChange(RefundState.FAILED, "refund.failed", failure_code="refund_failed")
     )
     assert reversed_.status == RefundState.FAILED and ceiling(life) == (0, 0)
+
+
+def test_the_provider_gets_the_refund_id_as_its_key_not_the_callers(life):
+    """Callers reuse one order number for a payment and its refunds; providers keep one
+    key space across endpoints, so the caller's key would collide with the charge's."""
+    refund = life.refund(life.paid.id, "1.00", key="order-1")  # the payment's own key
+    assert refund.status == RefundState.SUCCEEDED
+    (sent,) = life.provider.refund_calls
+    assert sent.idempotency_key == refund.id != "order-1"
