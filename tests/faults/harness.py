@@ -55,6 +55,7 @@ BASE_ENV = {
     "DB_POOL_TIMEOUT": "2",
 }
 CHARGES = "POST /v1/charges"
+REFUNDS = "POST /v1/refunds"
 SERVICE_APPLICATION_NAME = database_config.APPLICATION_NAME
 
 
@@ -65,6 +66,24 @@ def new_key(prefix: str = "order") -> str:
 def provider_calls(sandbox) -> int:
     """Charge requests the sandbox received (its own counter)."""
     return sandbox.state()["requests"].get(CHARGES, 0)
+
+
+def refund_calls(sandbox) -> int:
+    """Refund requests the sandbox received (its own counter)."""
+    return sandbox.state()["requests"].get(REFUNDS, 0)
+
+
+def refund_at_sandbox(sandbox, charge_id: str, amount_minor: int, key: str) -> dict:
+    """Refund ``charge_id`` straight through the sandbox's API, behind the service's back
+    (as an operator in the provider's dashboard would): the charge then has less left."""
+    response = requests.post(
+        f"{sandbox.url}/v1/refunds",
+        json={"charge": charge_id, "amount": amount_minor},
+        headers={"Authorization": f"Bearer {PROVIDER_KEY}", "Idempotency-Key": key},
+        timeout=10,
+    )
+    assert response.status_code in (200, 201), response.text
+    return response.json()
 
 
 # --------------------------------------------------------------------------- the database
@@ -88,6 +107,29 @@ def payment_rows(database_url: str) -> list[dict]:
 def payment_by_key(database_url: str, key: str) -> dict | None:
     rows = query(database_url, "SELECT * FROM payments WHERE idempotency_key = :key", key=key)
     return rows[0] if rows else None
+
+
+def refund_rows(database_url: str) -> list[dict]:
+    """Every refund, with its payment's charge id (``provider_charge_id``)."""
+    return query(
+        database_url,
+        "SELECT r.*, p.provider_charge_id FROM refunds r JOIN payments p ON p.id = r.payment_id "
+        "ORDER BY r.created_at",
+    )
+
+
+def refund_by_key(database_url: str, key: str) -> dict | None:
+    rows = query(database_url, "SELECT * FROM refunds WHERE idempotency_key = :key", key=key)
+    return rows[0] if rows else None
+
+
+def refund_attempt_count(database_url: str, refund_id: str) -> int:
+    rows = query(
+        database_url,
+        "SELECT count(*) AS n FROM refund_attempts WHERE refund_id = :id AND kind = 'refund'",
+        id=refund_id,
+    )
+    return rows[0]["n"]
 
 
 def attempt_count(database_url: str, payment_id: str) -> int:
@@ -158,6 +200,90 @@ def assert_books_balance(database_url: str, sandbox, *, settled: bool = True) ->
     if settled:
         open_ = [r["idempotency_key"] for r in rows if r["status"] in ("pending", "unknown")]
         assert not open_, f"left unsettled: {open_}"
+    return dict(totals)
+
+
+def assert_refund_books_balance(
+    database_url: str, sandbox, *, settled: bool = True, outside=()
+) -> dict:
+    """Our refunds are exactly the sandbox's refunds, charge by charge.
+
+    Row for row, our ``succeeded`` refunds are the sandbox's succeeded refunds (our refund
+    id as its idempotency key, amount, currency, refund id, charge id); no key was refunded twice; each payment's
+    ``amount_refunded_minor`` is the sum of its succeeded refunds here and of its charge's
+    succeeded refunds at the sandbox, and its ``refund_reserved_minor`` the sum of its
+    ``pending``, ``unknown`` and ``succeeded`` refunds; equal totals per currency
+    (``/_sandbox/state`` ``refunded_total_minor``). ``outside``: keys of refunds made at
+    the sandbox directly (:func:`refund_at_sandbox`), which we cannot know about.
+    ``settled`` also requires that no refund is left ``pending`` or ``unknown`` and, once
+    the sandbox has none pending either, that each charge's ``amount_refunded`` (which
+    counts pending refunds) is ours plus what was refunded outside. Returns the totals.
+    """
+    outside = set(outside)
+    books = sandbox.books()
+    charges = {c["id"]: c for c in books["data"]}
+    per_key = Counter(r["idempotency_key"] for r in books["refunds"])
+    assert max(per_key.values(), default=1) == 1, "a refund key was refunded twice"
+    theirs = [r for r in books["refunds"] if r["idempotency_key"] not in outside]
+    rows = refund_rows(database_url)
+
+    # The provider knows a refund by our refund id (refunds.provider_key), not the caller's key.
+    refunded = {r["idempotency_key"]: r for r in theirs if r["status"] == "succeeded"}
+    ours = {r["id"]: r for r in rows if r["status"] == "succeeded"}
+    assert sorted(ours) == sorted(refunded), (
+        f"refunded but not succeeded here: {sorted(set(refunded) - set(ours))}; "
+        f"succeeded here but never refunded: {sorted(set(ours) - set(refunded))}"
+    )
+    for key, row in ours.items():
+        refund = refunded[key]
+        assert (
+            row["amount_minor"],
+            row["currency"],
+            row["provider_refund_id"],
+            row["provider_charge_id"],
+        ) == (refund["amount"], refund["currency"], refund["id"], refund["charge"]), key
+
+    for payment in payment_rows(database_url):
+        mine = [r for r in rows if r["payment_id"] == payment["id"]]
+        succeeded = sum(r["amount_minor"] for r in mine if r["status"] == "succeeded")
+        held = sum(
+            r["amount_minor"] for r in mine if r["status"] in ("pending", "unknown", "succeeded")
+        )
+        charge_id = payment["provider_charge_id"]
+        at_sandbox = sum(
+            r["amount"] for r in refunded.values() if r["charge"] == charge_id and charge_id
+        )
+        books_of = (payment["amount_refunded_minor"], succeeded, at_sandbox)
+        assert books_of == (succeeded,) * 3, (payment["id"], "refunded here, ours, sandbox")
+        assert payment["refund_reserved_minor"] == held, (payment["id"], "reserved", held)
+
+    totals: Counter[str] = Counter()
+    for row in ours.values():
+        totals[row["currency"]] += row["amount_minor"]
+    elsewhere: Counter[str] = Counter()
+    for refund in books["refunds"]:
+        if refund["idempotency_key"] in outside and refund["status"] == "succeeded":
+            elsewhere[refund["currency"]] += refund["amount"]
+    assert sandbox.state()["refunded_total_minor"] == dict(totals + elsewhere)
+
+    if settled:
+        open_ = [r["idempotency_key"] for r in rows if r["status"] in ("pending", "unknown")]
+        assert not open_, f"refunds left unsettled: {open_}"
+        if not [r for r in books["refunds"] if r["status"] == "pending"]:
+            for payment in payment_rows(database_url):
+                charge = charges.get(payment["provider_charge_id"])
+                if charge is None:
+                    continue
+                outside_amount = sum(
+                    r["amount"]
+                    for r in books["refunds"]
+                    if r["charge"] == charge["id"]
+                    and r["idempotency_key"] in outside
+                    and r["status"] == "succeeded"
+                )
+                assert charge["amount_refunded"] == (
+                    payment["amount_refunded_minor"] + outside_amount
+                ), payment["id"]
     return dict(totals)
 
 
@@ -268,6 +394,19 @@ class Service:
                 return
             assert time.monotonic() < deadline, "payments left unsettled by reconciliation"
             time.sleep(0.5)
+
+
+def settle_refunds(service: Service, timeout: float = 30) -> dict:
+    """Reconcile until no refund is ``pending`` or ``unknown`` (a refund still in flight is
+    left alone by a run); the last run's refund report. Fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        report = service.reconcile(older_than=0)["refunds"]
+        rows = refund_rows(service.database_url)
+        if not [r for r in rows if r["status"] in ("pending", "unknown")]:
+            return report
+        assert time.monotonic() < deadline, f"refunds left unsettled by reconciliation: {rows}"
+        time.sleep(0.5)
 
 
 def parse_log(stderr: str) -> list[dict]:
