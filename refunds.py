@@ -207,32 +207,23 @@ class RefundService:
             try:
                 reply = self.client.refund(_refund_request(refund, payment.provider_charge_id))
             except PaymentOutcomeUnknown as exc:
-                return self._settle_raising(refund, exc, RefundChange(UNKNOWN, exc.code), "unknown")
+                return self._unknown(refund, exc, exc.code)
             except PaymentInProgress as exc:  # another request under our key, at the provider
-                unknown = PaymentOutcomeUnknown(exc.message, attempts=exc.attempts)
-                return self._settle_raising(
-                    refund, unknown, RefundChange(UNKNOWN, exc.code), "unknown"
-                )
+                return self._unknown(refund, _maybe_sent(exc, exc.message), exc.code)
             except InvalidPaymentRequest as exc:  # the adapter refused to build the request
                 if exc.attempts or maybe_sent:  # only a request never sent is certainly not
-                    unknown = PaymentOutcomeUnknown(exc.message, attempts=exc.attempts)
-                    return self._settle_raising(
-                        refund, unknown, RefundChange(UNKNOWN, exc.code), "unknown"
-                    )
+                    return self._unknown(refund, _maybe_sent(exc, exc.message), exc.code)
                 return self._failed(refund, exc)
             except (RefundNotAllowed, PaymentDeclined) as exc:
                 log.info("refund refused by the provider (%s)", exc.code)
                 return self._failed(refund, exc)
             except (PaymentServiceUnavailable, PaymentProviderError) as exc:
                 if maybe_sent:
-                    unknown = PaymentOutcomeUnknown(
+                    why = (
                         "an earlier call may have made this refund and this one got no "
-                        f"definitive answer ({exc.code}: {exc.message})",
-                        attempts=exc.attempts,
+                        f"definitive answer ({exc.code}: {exc.message})"
                     )
-                    return self._settle_raising(
-                        refund, unknown, RefundChange(UNKNOWN, exc.code), "unknown"
-                    )
+                    return self._unknown(refund, _maybe_sent(exc, why), exc.code)
                 log.warning("refund not sent (%s): %s", exc.code, exc.message)
                 return self._failed(refund, exc)
             except BaseException as exc:
@@ -241,6 +232,15 @@ class RefundService:
                 )
                 raise
             return self._settle_answer(refund, reply.value, reply.attempts)
+
+    def _unknown(self, refund: StoredRefund, exc: PaymentOutcomeUnknown, reason: str):
+        log.error(
+            "refund outcome unknown (%s): %s",
+            reason,
+            exc.message,
+            extra={"attempts": len(exc.attempts)},
+        )
+        return self._settle_raising(refund, exc, RefundChange(UNKNOWN, reason), "unknown")
 
     def _settle_answer(
         self, refund: StoredRefund, answer: ProviderRefund, attempts: Sequence
@@ -403,6 +403,13 @@ class RefundService:
             report.succeeded += change.to_status == SUCCEEDED
             report.failed += change.to_status == FAILED
             log.info("reconciled refund: %s -> %s", refund.status, change.to_status)
+
+
+def _maybe_sent(exc: PaymentError, message: str) -> PaymentOutcomeUnknown:
+    """``exc`` from a refund that may have reached the provider: its outcome is unknown."""
+    unknown = PaymentOutcomeUnknown(message, attempts=exc.attempts)
+    unknown.__cause__ = exc
+    return unknown
 
 
 def _stored_failure(refund: StoredRefund, result: RefundResult) -> PaymentError:

@@ -99,6 +99,11 @@ REFUNDED = (REFUND_MINOR, REFUND_MINOR)
 RELEASED = (0, 0)
 
 
+def unknown_line(code: str, detail: str) -> tuple[str, str, str]:
+    """The line an unknown refund logs (its start): what reconciliation will resolve."""
+    return ("ERROR", "refunds", f"refund outcome unknown ({code}): {detail}")
+
+
 def unavailable(status: int, attempts: int = 3, gave_up: str = "exhausted"):
     return failed_line(
         "provider_unavailable",
@@ -238,7 +243,7 @@ ROWS = [
         "unknown",
         3,
         RESERVED,
-        None,
+        unknown_line("outcome_unknown", "provider answered 409 after a request"),
         settled="failed: not_received",
         faults=persistent(409),
         **RESUBMITTED,
@@ -271,7 +276,7 @@ ROWS = [
             "unknown",
             1,
             RESERVED,
-            None,
+            unknown_line("provider_response_invalid", "provider answered 200 with an unreadable"),
             settled="succeeded",
             faults={"script": [entry]},
         )
