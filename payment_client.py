@@ -218,23 +218,7 @@ class PaymentClient:
         (maybe charged) or ``PaymentProviderError``; errors carry ``attempts``.
         """
         reply = self._run(CHARGE, lambda t: self.provider.charge(t, request), moves_money=True)
-        charged = (reply.value.amount_minor, reply.value.currency)
-        if charged[0] is not None and charged != (request.amount_minor, request.currency):
-            log.critical(
-                "provider charged %s %s for a charge of %s %s",
-                charged[0],
-                charged[1],
-                request.amount_minor,
-                request.currency,
-                extra={"provider_charge_id": reply.value.id},
-            )
-            raise PaymentOutcomeUnknown(
-                f"provider answered with charge {reply.value.id} for {charged[0]} {charged[1]}, "
-                f"not the {request.amount_minor} {request.currency} we sent; an operator must "
-                "check it",
-                code="provider_amount_mismatch",
-                attempts=reply.attempts,
-            )
+        _check_amount(CHARGE, reply, request.amount_minor, request.currency)
         return reply
 
     def find_charges(self, lookup: ChargeLookup) -> Reply[list[ProviderCharge]]:
@@ -249,23 +233,7 @@ class PaymentClient:
         ``PaymentOutcomeUnknown`` (maybe refunded) or ``PaymentProviderError``.
         """
         reply = self._run(REFUND, lambda t: self.provider.refund(t, request), moves_money=True)
-        refunded = (reply.value.amount_minor, reply.value.currency)
-        if refunded[0] is not None and refunded != (request.amount_minor, request.currency):
-            log.critical(
-                "provider refunded %s %s for a refund of %s %s",
-                refunded[0],
-                refunded[1],
-                request.amount_minor,
-                request.currency,
-                extra={"provider_refund_id": reply.value.id},
-            )
-            raise PaymentOutcomeUnknown(
-                f"provider answered with refund {reply.value.id} for {refunded[0]} "
-                f"{refunded[1]}, not the {request.amount_minor} {request.currency} we sent; an "
-                "operator must check it",
-                code="provider_amount_mismatch",
-                attempts=reply.attempts,
-            )
+        _check_amount(REFUND, reply, request.amount_minor, request.currency)
         return reply
 
     def find_refunds(self, lookup: RefundLookup) -> Reply[list[ProviderRefund]]:
@@ -327,6 +295,31 @@ class PaymentClient:
             self.breaker.record_failure()
         else:
             self.breaker.record_success()  # the provider answered: it is up
+
+
+def _check_amount(
+    kind: str, reply: Reply[ProviderCharge] | Reply[ProviderRefund], amount: int, currency: str
+) -> None:
+    """Refuse an answer for another amount than we asked: money moved, but not as asked."""
+    moved = (reply.value.amount_minor, reply.value.currency)
+    if moved[0] is None or moved == (amount, currency):
+        return
+    log.critical(
+        "provider made a %s of %s %s for a %s of %s %s",
+        kind,
+        moved[0],
+        moved[1],
+        kind,
+        amount,
+        currency,
+        extra={f"provider_{kind}_id": reply.value.id},
+    )
+    raise PaymentOutcomeUnknown(
+        f"provider answered with {kind} {reply.value.id} for {moved[0]} {moved[1]}, not the "
+        f"{amount} {currency} we sent; an operator must check it",
+        code="provider_amount_mismatch",
+        attempts=reply.attempts,
+    )
 
 
 def _unsettled(exc: PaymentError, transport: _Operation) -> PaymentError:

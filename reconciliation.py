@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from errors import DatabaseUnavailable, PaymentServiceUnavailable
 from payment_results import ReconcileReport
 from payment_states import FailureCode, PaymentStatus, RefundState
 from payment_store import Change, ReconcileClaim
-from providers.base import ChargeStatus, ProviderCharge, ProviderRefund, RefundStatus
+from providers.base import ProviderCharge, ProviderRefund
 from refund_store import RefundChange
 from settings import Settings
 
@@ -113,59 +113,57 @@ def reconcile_pass(
 
 def charge_verdict(charges: Sequence[ProviderCharge]) -> Change | None:
     """What the provider's charges for one key settle a payment to; ``None``: not yet."""
-    succeeded = [c for c in charges if c.status is ChargeStatus.SUCCEEDED]
-    if len(succeeded) > 1:
-        log.error(
-            "the provider holds %d succeeded charges under one idempotency key: %s",
-            len(succeeded),
-            ", ".join(c.id for c in succeeded),
-        )
-    if succeeded:
-        return Change(PaymentStatus.SUCCEEDED, "reconciled", provider_charge_id=succeeded[0].id)
-    if not charges:
-        return Change(
-            PaymentStatus.FAILED,
-            "reconciled",
-            failure_code=FailureCode.NOT_RECEIVED,
-            failure_message="the provider has no charge for this idempotency key",
-        )
-    if all(c.status is ChargeStatus.FAILED for c in charges):
-        last = charges[-1]
-        return Change(
-            PaymentStatus.FAILED,
-            "reconciled",
-            provider_charge_id=last.id,
-            failure_code=last.failure_code or FailureCode.CHARGE_FAILED,
-            failure_message=last.failure_message,
-        )
-    return None
+    found = _settled_by(charges, "charge")
+    if found is None:
+        return None
+    status, charge, code = found
+    if status == "succeeded":
+        return Change(PaymentStatus.SUCCEEDED, "reconciled", provider_charge_id=charge.id)
+    return Change(
+        PaymentStatus.FAILED,
+        "reconciled",
+        provider_charge_id=charge.id if charge else None,
+        failure_code=code or FailureCode.CHARGE_FAILED,
+        failure_message=charge.failure_message if charge else NEVER_SAW % "charge",
+    )
 
 
 def refund_verdict(refunds: Sequence[ProviderRefund]) -> RefundChange | None:
     """What the provider's refunds under one key settle a refund to; ``None``: not yet."""
-    succeeded = [r for r in refunds if r.status is RefundStatus.SUCCEEDED]
+    found = _settled_by(refunds, "refund")
+    if found is None:
+        return None
+    status, refund, code = found
+    if status == "succeeded":
+        return RefundChange(RefundState.SUCCEEDED, "reconciled", provider_refund_id=refund.id)
+    return RefundChange(
+        RefundState.FAILED,
+        "reconciled",
+        provider_refund_id=refund.id if refund else None,
+        failure_code=code or "refund_failed",
+        failure_message=refund.failure_message if refund else NEVER_SAW % "refund",
+    )
+
+
+NEVER_SAW = "the provider has no %s for this idempotency key"
+
+
+def _settled_by(records: Sequence, what: str) -> tuple[str, Any, str | None] | None:
+    """``(status, the record it rests on, failure code)`` that a provider's records under
+    one key settle to: any succeeded one wins; none at all is ``not_received``; all failed
+    is failed (the last one's code); anything else (still pending): ``None``."""
+    succeeded = [r for r in records if r.status == "succeeded"]
+    if len(succeeded) > 1:
+        log.error(
+            "the provider holds %d succeeded %ss under one idempotency key: %s",
+            len(succeeded),
+            what,
+            ", ".join(r.id for r in succeeded),
+        )
     if succeeded:
-        if len(succeeded) > 1:
-            log.error(
-                "the provider holds %d succeeded refunds under one idempotency key: %s",
-                len(succeeded),
-                ", ".join(r.id for r in succeeded),
-            )
-        return RefundChange(RefundState.SUCCEEDED, "reconciled", provider_refund_id=succeeded[0].id)
-    if not refunds:
-        return RefundChange(
-            RefundState.FAILED,
-            "reconciled",
-            failure_code=FailureCode.NOT_RECEIVED,
-            failure_message="the provider has no refund for this idempotency key",
-        )
-    if all(r.status is RefundStatus.FAILED for r in refunds):
-        last = refunds[-1]
-        return RefundChange(
-            RefundState.FAILED,
-            "reconciled",
-            provider_refund_id=last.id,
-            failure_code=last.failure_code or "refund_failed",
-            failure_message=last.failure_message,
-        )
+        return "succeeded", succeeded[0], None
+    if not records:
+        return "failed", None, FailureCode.NOT_RECEIVED
+    if all(r.status == "failed" for r in records):
+        return "failed", records[-1], records[-1].failure_code
     return None

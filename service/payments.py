@@ -102,19 +102,15 @@ def payment_response(result: PaymentResult, status: int | None = None) -> Respon
 
 def read_payment_request() -> dict:
     """The JSON object of a payment request: 415, 413, 400 or 422 when it is not one."""
-    body = read_json_object("payment request")
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise InvalidPaymentRequest(
-            f"Unknown fields: {', '.join(unknown)[:200]}.", code="unknown_field"
-        )
+    body = read_json_object("payment request", FIELDS)
     if "amount" not in body:
         raise InvalidPaymentRequest("amount is required.", code="invalid_amount")
     return body
 
 
-def read_json_object(what: str) -> dict:
-    """The request's JSON object (``what`` names it in errors): 415, 413, 400 or 422.
+def read_json_object(what: str, fields: frozenset[str]) -> dict:
+    """The request's JSON object with only ``fields`` (``what`` names it in errors):
+    415, 413, 400 or 422.
 
     Numbers are parsed as ``Decimal`` so an amount of 25.99 is exactly 25.99.
     """
@@ -131,6 +127,11 @@ def read_json_object(what: str) -> dict:
         raise BadRequest(f"The request body is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(body, dict):
         raise InvalidPaymentRequest("The request body must be a JSON object.", code="invalid_body")
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise InvalidPaymentRequest(
+            f"Unknown fields: {', '.join(unknown)[:200]}.", code="unknown_field"
+        )
     return body
 
 
