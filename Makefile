@@ -7,7 +7,7 @@ DEV := $(VENV)/.dev-$(shell cat requirements.txt requirements-dev.txt | sha1sum 
 BENCH := $(VENV)/.bench-$(shell cat requirements-dev.txt requirements.txt requirements-bench.txt | sha1sum | cut -c1-12)
 #: The modules mypy checks (the core of the payment path).
 TYPED := payment_handler.py payment_states.py payment_results.py payment_client.py providers \
-	deadline_watchdog.py refunds.py refund_store.py reconciliation.py \
+	deadline_watchdog.py refunds.py refund_store.py reconciliation.py provider_events.py event_store.py \
 	connection_pool.py database_config.py payment_store.py settings.py money.py errors.py
 
 .PHONY: run test test-fast lint types bench

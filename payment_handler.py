@@ -214,7 +214,7 @@ class PaymentService:
                 settled = self._look_up_before_resubmitting(existing, result)
                 if settled is not None:
                     return settled
-            claimed = self._move(existing, Change(PENDING, "resubmitted"))
+            claimed = self.move(existing, Change(PENDING, "resubmitted"))
             if claimed is None:
                 raise PaymentInProgress(
                     "another call is re-submitting this payment",
@@ -253,7 +253,7 @@ class PaymentService:
         current: StoredPayment | None = existing
         if may_transition(existing.status, verdict.to_status, existing.failure_code):
             change = replace(verdict, attempts=reply.attempts, attempt_kind=LOOKUP)
-            current = self._move(existing, change) or self.store.find_by_id(existing.id)
+            current = self.move(existing, change) or self.store.find_by_id(existing.id)
         assert current is not None
         if is_resubmittable(current.status, current.failure_code):
             raise PaymentInProgress("this payment changed while it was looked up", payment=result)
@@ -417,7 +417,7 @@ class PaymentService:
                 "the provider charged it: recording it as succeeded",
                 extra={"provider_charge_id": change.provider_charge_id},
             )
-            corrected = self._move(
+            corrected = self.move(
                 current,
                 Change(
                     SUCCEEDED,
@@ -434,7 +434,7 @@ class PaymentService:
             )
         return current
 
-    def _move(self, payment: StoredPayment, change: Change) -> StoredPayment | None:
+    def move(self, payment: StoredPayment, change: Change) -> StoredPayment | None:
         """A status change the lifecycle allows, if ``payment`` is still as it was read."""
         check_transition(payment.status, change.to_status, payment.failure_code)
         return self.store.transition(payment, change)
@@ -494,7 +494,7 @@ class PaymentService:
                 self.store.release([payment.id])
             return
         change = replace(verdict, attempts=reply.attempts, attempt_kind=LOOKUP)
-        if self._move(payment, change) is None:
+        if self.move(payment, change) is None:
             report.skipped += 1
             log.info("payment changed while it was looked up; its verdict was discarded")
             return

@@ -92,7 +92,7 @@ class EventApplier:
                 return EventResult.STALE
             if charge.status is ChargeStatus.SUCCEEDED and payment.status in SETTLING:
                 change = Change(PaymentStatus.SUCCEEDED, event.type, provider_charge_id=charge.id)
-                return _result(service._move(payment, change))
+                return _result(service.move(payment, change))
         # Anything else is the provider's to say, as in reconciliation.
         reply = service.client.find_charges(
             ChargeLookup(
@@ -122,7 +122,7 @@ class EventApplier:
             failure_code=verdict.failure_code,
             failure_message=verdict.failure_message,
         )
-        return _result(service._move(payment, change))
+        return _result(service.move(payment, change))
 
     def _apply_refund(self, event: ProviderEvent) -> EventResult:
         refunds, reported = self.service.refunds, event.refund
@@ -137,7 +137,7 @@ class EventApplier:
                 change = RefundChange(
                     RefundState.SUCCEEDED, event.type, provider_refund_id=reported.id
                 )
-                return _result(refunds._move(refund, change))
+                return _result(refunds.move(refund, change))
         payment = self.service.store.find_by_id(refund.payment_id)
         assert payment is not None and payment.provider_charge_id is not None
         reply = refunds.client.find_refunds(
@@ -167,7 +167,7 @@ class EventApplier:
             failure_code=verdict.failure_code,
             failure_message=verdict.failure_message,
         )
-        return _result(refunds._move(refund, change))
+        return _result(refunds.move(refund, change))
 
     def apply_stored(self, events: SqlEventStore, stored: StoredEvent) -> EventResult | None:
         """Apply one stored event and record its result; ``None`` when it cannot be

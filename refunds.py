@@ -192,7 +192,7 @@ class RefundService:
             metrics.observe_refund(refusal.code)
             refusal.refund = result  # failed, and the provider certainly never saw it
             raise refusal
-        claimed = self._move(existing, RefundChange(PENDING, "resubmitted"))
+        claimed = self.move(existing, RefundChange(PENDING, "resubmitted"))
         if claimed is None:
             raise PaymentInProgress("another call is re-submitting this refund", refund=result)
         log.info("re-submitting %s refund under the same idempotency key", existing.status)
@@ -333,7 +333,7 @@ class RefundService:
                 SUCCEEDED, "refund_landed_after_reconciliation",
                 provider_refund_id=change.provider_refund_id,
             )  # fmt: skip
-            return self._move(current, landed) or self.store.find_refund(refund.id) or current
+            return self.move(current, landed) or self.store.find_refund(refund.id) or current
         if current.status != change.to_status:
             log.warning(
                 "refund was settled as %s while this call found %s",
@@ -342,7 +342,7 @@ class RefundService:
             )
         return current
 
-    def _move(self, refund: StoredRefund, change: RefundChange) -> StoredRefund | None:
+    def move(self, refund: StoredRefund, change: RefundChange) -> StoredRefund | None:
         """A status change the lifecycle allows, if ``refund`` is still as it was read."""
         check_refund_transition(refund.status, change.to_status, refund.failure_code)
         return self.store.transition_refund(refund, change)
@@ -396,7 +396,7 @@ class RefundService:
             change = RefundChange(
                 **{**verdict.__dict__, "attempts": reply.attempts, "attempt_kind": LOOKUP}
             )
-            if self._move(refund, change) is None:
+            if self.move(refund, change) is None:
                 report.skipped += 1
                 log.info("refund changed while it was looked up; its verdict was discarded")
                 return
