@@ -11,31 +11,24 @@ any worker's file: the type is the name up to the first ``_``), then its files a
 removed. Totals at ``/metrics`` stay the same; the directory holds the live workers'
 files plus one archive per type.
 
-Order, and the window that remains. A scrape lists the directory, then reads the files
-one by one, and the master cannot make "add to the archive" and "remove the dead file"
-one atomic step. The new archive is written under a name the scrape ignores and renamed
-over the old one, so a scrape reads either the whole old archive or the whole new one,
-never a half-merged file; only then is the dead worker's file removed. If anything
-fails before the rename, the dead file and the old archive are left as they were:
-nothing is lost or counted twice, the directory just keeps two more files. The other
-order (remove first) would lose the dead worker's counts for good on such a failure,
-e.g. a full disk. (The unlink itself cannot fail short of someone changing the
-directory's permissions in between: the master has just renamed a file into it.) What
-remains:
-
-- A scrape that opens the new archive and then the dead file, between the rename and
-  the unlink (two consecutive system calls in the master), counts the dead worker
-  twice. The next scrape is correct again: lower than the one before, which Prometheus
-  takes for a counter reset. Both reads have to fall in a window of microseconds.
-- A scrape that listed the dead file before the unlink and opens it after fails with
-  ``FileNotFoundError`` (prometheus-client tolerates that for live gauges only): that
-  scrape is an error (a gap in the series), not a wrong value.
+Order, and consistency. The new archive is written under a name the scrape ignores and
+renamed over the old one, so a scrape reads either the whole old archive or the whole
+new one; only then is the dead worker's file removed. If anything fails before the
+rename, the dead file and the old archive are left as they were: nothing is lost or
+counted twice, the directory just keeps two more files (the other order, remove first,
+would lose the dead worker's counts for good on such a failure, e.g. a full disk).
+"Add to the archive" and "remove the dead file" cannot be one atomic step, so the two
+hold an exclusive lock on the directory's lock file, and a scrape holds a shared one
+(:func:`consistent_read`): a scrape never sees the dead worker in both places, however
+long the master is descheduled between the two steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 
 from prometheus_client.mmap_dict import MmapedDict
 
@@ -46,6 +39,23 @@ ARCHIVED_TYPES = ("counter", "histogram", "summary")
 ARCHIVE_NAME = "archive"
 #: Suffix of an archive being written; the scrape reads ``*.db`` only.
 PARTIAL_SUFFIX = ".partial"
+#: The lock file that keeps a scrape and a merge apart (not ``*.db``: never read).
+LOCK_NAME = "archive.lock"
+
+
+@contextlib.contextmanager
+def _locked(directory: str | os.PathLike[str], mode: int) -> Iterator[None]:
+    with open(os.path.join(directory, LOCK_NAME), "a") as lock:
+        fcntl.flock(lock, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def consistent_read(directory: str | os.PathLike[str]):
+    """Hold while reading the directory for a scrape: no merge runs meanwhile."""
+    return _locked(directory, fcntl.LOCK_SH)
 
 
 def archive_dead_worker(directory: str | os.PathLike[str], pid: int) -> None:
@@ -64,10 +74,11 @@ def archive_dead_worker(directory: str | os.PathLike[str], pid: int) -> None:
         except FileNotFoundError:
             continue
         archive = os.path.join(directory, f"{typ}_{ARCHIVE_NAME}.db")
-        with contextlib.suppress(FileNotFoundError):
-            _add_file(totals, archive)
-        _replace(archive, totals)
-        os.remove(dead)  # last: a failure above leaves the dead file counted, the archive as it was
+        with _locked(directory, fcntl.LOCK_EX):
+            with contextlib.suppress(FileNotFoundError):
+                _add_file(totals, archive)
+            _replace(archive, totals)
+            os.remove(dead)  # last: a failure above leaves the dead file, the archive as it was
 
 
 def _add_file(totals: dict[str, tuple[float, float]], path: str) -> None:

@@ -19,6 +19,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 import database_config
 import metrics
+import metrics_archive
 from service.health import provider_breaker_state
 
 #: Seconds between two refreshes of a worker's pool and breaker gauges after requests.
@@ -61,8 +62,11 @@ def refresh_resource_gauges() -> None:
 
 def serve_metrics() -> Response:
     refresh_resource_gauges()
-    registry = REGISTRY
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # prometheus-client's own switch
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # prometheus-client's own switch
+    if not directory:
+        return Response(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    with metrics_archive.consistent_read(directory):  # never half a worker recycle
+        body = generate_latest(registry)
+    return Response(body, content_type=CONTENT_TYPE_LATEST)

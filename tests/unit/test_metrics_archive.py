@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import struct
+import threading
 from pathlib import Path
 
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from metrics_archive import archive_dead_worker
+from metrics_archive import LOCK_NAME, archive_dead_worker, consistent_read
 
 DEAD, LIVE, SECOND_DEAD = 101, 102, 103
 REQUESTS_HELP = "HTTP requests answered"
 LATENCY_HELP = "Time to answer"
+
+
+def metric_files(directory) -> list[str]:
+    """What is in the directory, but the lock file that keeps scrapes and merges apart."""
+    return sorted(p.name for p in directory.iterdir() if p.name != LOCK_NAME)
 
 
 def requests_key(route: str) -> str:
@@ -115,7 +121,7 @@ def test_dead_worker_files_are_removed_and_live_ones_kept(tmp_path):
 
     archive_dead_worker(tmp_path, DEAD)
 
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
+    assert metric_files(tmp_path) == [
         "counter_102.db",
         "counter_archive.db",
         "histogram_102.db",
@@ -128,7 +134,7 @@ def test_files_stay_bounded_over_many_recycled_workers(tmp_path):
         write_worker(tmp_path, pid, requests=3, slow=1)
         archive_dead_worker(tmp_path, pid)
 
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
+    assert metric_files(tmp_path) == [
         "counter_archive.db",
         "histogram_archive.db",
     ]
@@ -165,7 +171,7 @@ def test_a_worker_without_files_changes_nothing(tmp_path):
 
     archive_dead_worker(tmp_path, DEAD)
 
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
+    assert metric_files(tmp_path) == [
         "counter_102.db",
         "histogram_102.db",
     ]
@@ -176,7 +182,7 @@ def test_a_missing_histogram_file_still_archives_the_counter(tmp_path):
 
     archive_dead_worker(tmp_path, DEAD)
 
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["counter_archive.db"]
+    assert metric_files(tmp_path) == ["counter_archive.db"]
     assert read_samples(tmp_path / "counter_archive.db") == {requests_key("/healthz"): 4}
 
 
@@ -185,7 +191,7 @@ def test_an_empty_dead_file_is_removed(tmp_path):
 
     archive_dead_worker(tmp_path, DEAD)
 
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["counter_archive.db"]
+    assert metric_files(tmp_path) == ["counter_archive.db"]
     assert read_samples(tmp_path / "counter_archive.db") == {}
 
 
@@ -201,7 +207,7 @@ def test_an_unreadable_dead_file_leaves_the_files_as_they_were(tmp_path):
 
     assert corrupt.exists()
     assert (tmp_path / "counter_archive.db").read_bytes() == archive_before
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
+    assert metric_files(tmp_path) == [
         "counter_101.db",
         "counter_archive.db",
     ]
@@ -215,3 +221,21 @@ def test_a_partial_archive_left_by_a_crashed_master_is_not_counted(tmp_path):
 
     assert read_samples(tmp_path / "counter_archive.db") == {requests_key("/healthz"): 4}
     assert not (tmp_path / "counter_archive.db.partial").exists()
+
+
+def test_a_scrape_never_sees_a_dead_worker_both_in_the_archive_and_in_its_file(tmp_path):
+    """The merge waits for a scrape in progress (and a scrape for a merge): the window
+    between "archive written" and "dead file removed" is never visible."""
+    write_samples(tmp_path / "counter_101.db", {requests_key("/a"): 3.0})
+    write_samples(tmp_path / "counter_archive.db", {requests_key("/a"): 10.0})
+    merged = threading.Event()
+    with consistent_read(tmp_path):
+        merge = threading.Thread(
+            target=lambda: (archive_dead_worker(tmp_path, 101), merged.set()), daemon=True
+        )
+        merge.start()
+        assert not merged.wait(0.2)  # held off while the scrape reads
+        assert metric_files(tmp_path) == ["counter_101.db", "counter_archive.db"]
+    assert merged.wait(5)
+    assert metric_files(tmp_path) == ["counter_archive.db"]
+    assert read_samples(tmp_path / "counter_archive.db") == {requests_key("/a"): 13.0}
