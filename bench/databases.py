@@ -80,6 +80,16 @@ class Databases:
         finally:
             engine.dispose()
 
+    def block_counts(self, name: str) -> tuple[int, int]:
+        """``(hit, read)``: blocks database ``name`` found in shared buffers, and read in
+        (from the OS page cache or the disk), since the server started."""
+        with self._admin.connect() as conn:
+            row = conn.exec_driver_sql(
+                "SELECT blks_hit, blks_read FROM pg_stat_database WHERE datname = %(name)s",
+                {"name": name},
+            ).one()
+            return row[0], row[1]
+
     def backend_pids(self, name: str) -> list[int]:
         """Server processes serving clients of database ``name`` (for their CPU time)."""
         with self._admin.connect() as conn:

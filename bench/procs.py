@@ -23,9 +23,11 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 POLL_INTERVAL_S = 0.05
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-#: The apps the bench runs, by name: their WSGI targets.
+#: The apps the bench runs, by name: their WSGI targets. ``production`` is the service
+#: with the production shape's settings (``bench.scenarios.Bench.production_env``).
 APPS = {
     "service": "wsgi:app",
+    "production": "wsgi:app",
     "naive": "bench.naive_app:app",
     "floor": "bench.floor_app:app",
 }
@@ -72,8 +74,8 @@ class AppProcess:
 
     def command(self, fd: int) -> list[str]:
         gunicorn = [sys.executable, "-m", "gunicorn"]
-        if self.app == "service":
-            return [*gunicorn, "-c", "gunicorn.conf.py", APPS["service"]]
+        if APPS[self.app] == APPS["service"]:
+            return [*gunicorn, "-c", "gunicorn.conf.py", APPS[self.app]]
         return [
             *gunicorn,
             "--worker-class=gthread",

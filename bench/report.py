@@ -17,6 +17,9 @@ ROWS = {
         ("provider_cpu_ms_per_payment", "sandbox CPU ms per payment"),
         ("system_cpu_ms_per_payment", "app + PostgreSQL + sandbox CPU ms"),
         ("rounds.throughput_per_s", "payments/s in each round"),
+        ("log_lines", "log lines on stderr (whole run)"),
+        ("cloudwatch_events", "CloudWatch events delivered (whole run)"),
+        ("cloudwatch_cpu_ms_per_payment", "moto (CloudWatch) CPU ms per payment"),
     ],
     "slow": [
         ("throughput_per_s", "payments/s (201)"),
@@ -55,13 +58,48 @@ ROWS = {
         ("db_cpu_ms_per_payment", "PostgreSQL CPU ms per payment"),
         ("system_cpu_ms_per_payment", "app + PostgreSQL + sandbox CPU ms"),
         ("p99_ms", "p99 latency ms"),
+        ("cloudwatch_events", "CloudWatch events delivered (whole run)"),
+        ("cloudwatch_cpu_ms_per_payment", "moto (CloudWatch) CPU ms per payment"),
+    ],
+    "year": [
+        ("throughput_per_s", "payments/s (201)"),
+        ("rounds.throughput_per_s", "payments/s in each round"),
+        ("p50_ms", "p50 latency ms"),
+        ("p99_ms", "p99 latency ms"),
+        ("errors", "errors (4xx/5xx + socket)"),
+        ("cpu_ms_per_payment", "app CPU ms per payment"),
+        ("db_cpu_ms_per_payment", "PostgreSQL CPU ms per payment"),
+        ("rounds.db_cpu_ms_per_payment", "PostgreSQL CPU ms per payment, each round"),
+        ("db_blocks_hit_per_payment", "PostgreSQL blocks found in shared buffers per payment"),
+        ("db_blocks_read_per_payment", "PostgreSQL blocks read in per payment"),
+        ("db_peak_in_use", "peak DB connections in use"),
+        ("stored_by_run", "payments stored by the best round (warm-up included)"),
+        ("stored_payments", "payments stored after the best round"),
+        ("fill.fill_s", "pre-fill s (insert, rebuild keys, vacuum, checkpoint)"),
+        ("fill.rows", "rows pre-filled"),
+        ("fill.size_mib", "MiB on disk after the fill (table + indexes)"),
+        ("reconcile_pass_s", "reconciliation pass s"),
+        ("reconcile_sql_s", "of which in SQL statements s"),
+        ("reconcile_sql_statements", "SQL statements in the pass"),
+        ("reconcile_report", "reconciliation report (payments)"),
+        ("claim_uses_index", "claim query plan uses an index"),
+        ("claim_execution_ms", "claim query ms (EXPLAIN ANALYZE; batch 1, 2)"),
     ],
 }
+#: Ratios of one run: (scenario, subject, the contenders it is set against).
+RATIOS = (
+    ("steady", "production", ("service", "floor", "naive")),
+    ("overhead", "production", ("service", "floor")),
+    ("year", "year", ("empty",)),
+)
+CPU_RATIOS = ("cpu_ms_per_payment", "db_cpu_ms_per_payment", "system_cpu_ms_per_payment")
 
 
 def _cell(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, dict):
         return " ".join(f"{k}:{v}" for k, v in value.items()) or "-"
     if isinstance(value, list):
@@ -89,8 +127,28 @@ def _ratio(a, b) -> float | None:
     return round(a / b, 2) if a is not None and b else None
 
 
+def paired_ratios(a: dict, b: dict, key: str = "throughput_per_s") -> list[float | None]:
+    """Round i of ``a`` over round i of ``b``: the rounds alternate the order, so each
+    pair ran back to back (one round: the one ratio)."""
+    rounds_a, rounds_b = _get(a, f"rounds.{key}"), _get(b, f"rounds.{key}")
+    if not rounds_a or not rounds_b:
+        return [_ratio(a[key], b[key])]
+    return [_ratio(x, y) for x, y in zip(rounds_a, rounds_b, strict=False)]
+
+
+def median(values: list) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    middle = len(values) // 2
+    return (
+        values[middle] if len(values) % 2 else round((values[middle - 1] + values[middle]) / 2, 2)
+    )
+
+
 def evaluate(results: dict, params: dict) -> list[dict]:
-    """The targets of issue 6 that this run's figures can decide, each met or missed."""
+    """The targets of issues 6 and 14 that this run's figures can decide, each met or
+    missed."""
     targets = []
 
     def check(name: str, value, met: bool | None, wanted: str) -> None:
@@ -146,6 +204,28 @@ def evaluate(results: dict, params: dict) -> list[dict]:
             recovery is not None and recovery <= limit,
             f"<= {limit}",
         )
+    year = results.get("year", {})
+    if "year" in year and "empty" in year:
+        full = year["year"]
+        r = median(paired_ratios(full, year["empty"]))
+        check(
+            "year: steady throughput vs empty database (median of paired rounds)",
+            r,
+            r is not None and r >= 0.9,
+            ">= 0.9",
+        )
+        if "reconcile_pass_s" in full:
+            seconds = full["reconcile_pass_s"]
+            check("year: reconciliation pass s", seconds, seconds < 1, "< 1")
+            unknown, examined = params["year_unknown"], full["reconcile_report"]["examined"]
+            check(
+                "year: unknown payments the pass settled",
+                examined,
+                examined == unknown,
+                f"{unknown}",
+            )
+            uses = full["claim_uses_index"]
+            check("year: claim query plan uses an index", "yes" if uses else "no", uses, "yes")
     overhead = results.get("overhead", {})
     if "service" in overhead and "floor" in overhead:
         r = _ratio(
@@ -163,8 +243,46 @@ def targets_table(targets: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ratios_table(results: dict) -> str | None:
+    """Throughput and CPU per payment of one contender over another's: best rounds, round
+    by round, and the median of the rounds (the rounds alternate the order, so round i
+    of both ran back to back)."""
+    lines = []
+    for name, subject, others in RATIOS:
+        runs = results.get(name, {})
+        if subject not in runs:
+            continue
+        a = runs[subject]
+        for other in (o for o in others if o in runs):
+            b = runs[other]
+            each = paired_ratios(a, b)
+            cells = [
+                _ratio(a["throughput_per_s"], b["throughput_per_s"]),
+                each,
+                median(each),
+                *(median(paired_ratios(a, b, key)) for key in CPU_RATIOS),
+            ]
+            lines.append(f"| {name}: {subject} / {other} | " + " | ".join(map(_cell, cells)) + " |")
+    if not lines:
+        return None
+    header = (
+        "| ratio (one run) | payments/s, best rounds | payments/s, each round | median |"
+        " app CPU/payment, median | PostgreSQL CPU/payment, median"
+        " | app + PostgreSQL + sandbox CPU/payment, median |"
+    )
+    return "\n".join([header, "|---" * 7 + "|", *lines])
+
+
+def plans_text(results: dict) -> str | None:
+    """The year scenario's claim query plans (EXPLAIN (ANALYZE, BUFFERS) text)."""
+    plans = results.get("year", {}).get("year", {}).get("claim_plans") or []
+    blocks = [f"claim query, batch {i}:\n\n```\n{plan}\n```" for i, plan in enumerate(plans, 1)]
+    return "\n\n".join(blocks) or None
+
+
 def render(results: dict, targets: list[dict]) -> str:
     parts = [scenario_table(name, runs) for name, runs in results.items()]
+    parts += [p for p in (ratios_table(results), plans_text(results)) if p]
     if targets:
         parts.append(targets_table(targets))
     return "\n\n".join(parts) + "\n"

@@ -1,11 +1,14 @@
-"""``python -m bench.run [--quick] [--scenarios steady,slow,hang,overhead] [--apps ...]``.
+"""``python -m bench.run [--quick] [--scenarios steady,slow,hang,overhead,year] [--apps ...]``.
 
 One command for the whole comparison: PostgreSQL (started by
-``scripts/ensure_services.sh`` when down), a TLS sandbox provider, then per scenario
-each app under gunicorn on loopback with a fresh database, loaded by wrk from its own
-process. Prints the tables and the targets; writes ``results.json`` and
-``results.txt`` plus wrk's own output to the output directory, and the incident
-timeline picture when the hanging scenario ran.
+``scripts/ensure_services.sh`` when down), a TLS sandbox provider (and, for the
+production shape, Redis and a moto server standing in for CloudWatch), then per
+scenario each app under gunicorn on loopback with a fresh database, loaded by wrk from
+its own process. The year scenario loads the service on an empty database and on one
+pre-filled with a year of payments, then times a reconciliation pass over it. Prints
+the tables and the targets; writes ``results.json`` and ``results.txt`` plus wrk's own
+output to the output directory, and the incident timeline picture when the hanging
+scenario ran.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import shlex
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
-from bench import report
+from bench import report, year
 from bench.databases import Databases
 from bench.load import CLIENT_TIMEOUT_S, PROBE_INTERVAL_S, ensure_wrk
-from bench.procs import ROOT, find_child
+from bench.procs import APPS, ROOT, find_child
 from bench.scenarios import (
     NAIVE_ENV,
     SERVICE_ENV,
@@ -33,25 +37,44 @@ from bench.scenarios import (
     scenarios,
 )
 from settings import load_settings
+from tests.support.moto import MotoServer
 from tests.support.sandbox import SandboxProcess
 
 OUT_DIR = ROOT / "bench" / "out"
 QUICK_OUT_DIR = OUT_DIR / "tmp" / "quick"
 PLOT_PATH = ROOT / "docs" / "incident_timeline.png"
 #: Scenarios that measure capacity, run ``--repeat`` times; and what each round keeps.
-REPEATED = ("steady", "overhead")
-ROUND_FIGURES = ("throughput_per_s", "p99_ms", "cpu_ms_per_payment", "system_cpu_ms_per_payment")
+REPEATED = ("steady", "overhead", "year")
+ROUND_FIGURES = (
+    "throughput_per_s",
+    "p99_ms",
+    "cpu_ms_per_payment",
+    "db_cpu_ms_per_payment",
+    "system_cpu_ms_per_payment",
+)
+#: Without ``--quick`` the year scenario fills this many payments; with it, far fewer.
+QUICK_YEAR_PAYMENTS = 20_000
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few seconds per scenario")
     parser.add_argument(
-        "--scenarios", default="steady,slow,hang,overhead", help="comma-separated, in order"
+        "--scenarios", default="steady,slow,hang,overhead,year", help="comma-separated, in order"
     )
-    parser.add_argument("--apps", default="", help="only these apps: floor,naive,service")
     parser.add_argument(
-        "--repeat", type=int, help="rounds of steady and overhead (default 2; --quick: 1)"
+        "--apps",
+        default="",
+        help="only these apps: floor,naive,service,production (year always runs the service)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, help="rounds of steady, overhead and year (default 2; --quick: 1)"
+    )
+    parser.add_argument(
+        "--year-payments",
+        type=int,
+        help=f"payments the year scenario pre-fills (default {year.PAYMENTS:,}; "
+        f"--quick: {QUICK_YEAR_PAYMENTS:,})",
     )
     parser.add_argument(
         "--out", type=Path, help=f"output directory (default {OUT_DIR}; --quick: {QUICK_OUT_DIR})"
@@ -77,8 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))} (know {', '.join(known)})")
     args.app_names = {a.strip() for a in args.apps.split(",") if a.strip()}
-    if args.app_names - {"floor", "naive", "service"}:
-        parser.error("--apps takes floor, naive and service")
+    if args.app_names - set(APPS):
+        parser.error(f"--apps takes {', '.join(sorted(APPS))}")
+    args.year_payments = args.year_payments or (
+        QUICK_YEAR_PAYMENTS if args.quick else year.PAYMENTS
+    )
+    if args.year_payments < year.UNKNOWN:
+        parser.error(f"--year-payments must be at least {year.UNKNOWN}")
     args.out = args.out or (QUICK_OUT_DIR if args.quick else OUT_DIR)
     args.repeat = args.repeat or (1 if args.quick else 2)
     default_plot = PLOT_PATH if args.out == OUT_DIR else args.out / "incident_timeline.png"
@@ -108,15 +136,23 @@ def machine(databases: Databases, wrk: str) -> dict:
     }
 
 
-def parameters(quick: bool, names: list[str], service_env: dict[str, str]) -> dict:
+def parameters(args: argparse.Namespace, bench: Bench) -> dict:
     """The settings the figures were measured with (the service's as it resolves them)."""
+    quick, names = args.quick, args.scenario_names
     chosen = {name: scenario for name, scenario in scenarios(quick).items() if name in names}
-    env = {**SERVICE_ENV, **service_env}
+    env = {**SERVICE_ENV, **args.service_env}
     defaults = load_settings(env)
+    production = {}
+    if bench.cloudwatch is not None:
+        production = {k: v for k, v in bench.production_env().items() if "SECRET" not in k}
     return {
         "workers": WORKERS,
         "service_env": env,
+        "production_env": production,
         "naive_env": NAIVE_ENV,
+        "year_payments": args.year_payments if "year" in names else None,
+        "year_unknown": year.UNKNOWN if "year" in names else None,
+        "reconcile_older_than_s": year.RECONCILE_OLDER_THAN_S if "year" in names else None,
         "breaker_failures": defaults.payment_breaker_failures,
         "breaker_reset": defaults.payment_breaker_reset,
         "payment_pool_timeout": defaults.payment_pool_timeout,
@@ -133,16 +169,40 @@ def parameters(quick: bool, names: list[str], service_env: dict[str, str]) -> di
 
 
 def run_scenario(bench: Bench, scenario, args) -> dict[str, dict]:
+    """Each app's figures (see :func:`run_rounds`)."""
+    rounds = args.repeat if scenario.name in REPEATED else 1
+    if scenario.name == "year":
+        return run_year(bench, scenario, args, rounds)
+    apps = [a for a in scenario.apps if not args.app_names or a in args.app_names]
+    return run_rounds(scenario, apps, rounds, args, lambda app: measure(bench, scenario, app))
+
+
+def run_year(bench: Bench, scenario, args, rounds: int) -> dict[str, dict]:
+    """The service on an empty database against one holding a year of payments (filled
+    once, before the rounds), then a reconciliation pass over the full one."""
+    filled = bench.databases.fresh("year_filled")
+    print(f"bench: year / filling {args.year_payments:,} payments ...", file=sys.stderr, flush=True)
+    fill = year.fill(filled[1], args.year_payments)
+
+    def run_one(contender: str) -> dict:
+        database = filled if contender == "year" else None
+        return measure(bench, scenario, "service", label=contender, database=database)
+
+    runs = run_rounds(scenario, list(scenario.apps), rounds, args, run_one)
+    print("bench: year / reconciliation pass ...", file=sys.stderr, flush=True)
+    runs["year"].update(fill=fill, **year.reconcile(bench, filled[1]))
+    return runs
+
+
+def run_rounds(scenario, apps, rounds: int, args, run_one) -> dict[str, dict]:
     """Each app's figures; capacity scenarios run ``--repeat`` rounds, alternating the app
     order (A B C, C B A ...) so drift on a shared machine hits every app alike, and keep
     each app's round with the best throughput (interference only ever slows a run)."""
-    apps = [a for a in scenario.apps if not args.app_names or a in args.app_names]
-    rounds = args.repeat if scenario.name in REPEATED else 1
     runs: dict[str, list[dict]] = {app: [] for app in apps}
     for round_ in range(rounds):
         for app in apps if round_ % 2 == 0 else apps[::-1]:
             print(f"bench: {scenario.name} / {app} ...", file=sys.stderr, flush=True)
-            figures = measure(bench, scenario, app)
+            figures = run_one(app)
             suffix = f"-{round_ + 1}" if rounds > 1 else ""
             wrk_output = figures.pop("wrk_output")
             (args.out / f"wrk-{scenario.name}-{app}{suffix}.txt").write_text(wrk_output)
@@ -168,7 +228,9 @@ def main(argv=None) -> int:
     all_scenarios = scenarios(args.quick)
     results: dict[str, dict] = {}
     started = time.monotonic()
-    with Databases() as databases, SandboxProcess(tls=True) as sandbox:
+    with ExitStack() as stack:
+        databases = stack.enter_context(Databases())
+        sandbox = stack.enter_context(SandboxProcess(tls=True))
         info = machine(databases, wrk)
         bench = Bench(
             sandbox,
@@ -177,9 +239,14 @@ def main(argv=None) -> int:
             sandbox_pid=find_child("sandbox_provider"),
             service_env=args.service_env,
         )
+        if any("production" in all_scenarios[name].apps for name in args.scenario_names) and (
+            not args.app_names or "production" in args.app_names
+        ):
+            bench.cloudwatch = stack.enter_context(MotoServer())
+            bench.cloudwatch_pid = find_child("moto.server")
         for name in args.scenario_names:
             results[name] = run_scenario(bench, all_scenarios[name], args)
-    params = parameters(args.quick, args.scenario_names, args.service_env)
+        params = parameters(args, bench)
     targets = report.evaluate(results, params)
     table = report.render(results, targets)
     document = {

@@ -1,9 +1,14 @@
-"""The four scenarios: each runs its apps one after another under the same load.
+"""The scenarios: each runs its apps one after another under the same load.
 
-Every app run gets a fresh database, a freshly reset sandbox, a warm-up, then the
-measured load; the figures of one run are a flat dict (see :func:`measure`). Running
-the apps of a scenario back to back in one invocation keeps their ratios meaningful on
-a small, noisy machine.
+Every app run gets a fresh database (the year scenario: its pre-filled one), a freshly
+reset sandbox, a warm-up, then the measured load; the figures of one run are a flat
+dict (see :func:`measure`). Running the apps of a scenario back to back in one
+invocation keeps their ratios meaningful on a small, noisy machine.
+
+The apps: ``floor`` and ``naive`` (yardsticks), ``service`` (the product as the other
+scenarios run it) and ``production``: the same service in its production shape, the
+circuit breaker shared through Redis (``REDIS_URL``) and every log record also shipped
+to CloudWatch Logs (a moto server on loopback stands in for AWS).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+
+import boto3
+import redis
 
 from bench.databases import ActivityPoller, Databases
 from bench.load import CLIENT_TIMEOUT_S, HealthProber, LoadResult, percentile, run_wrk
@@ -40,6 +48,13 @@ THINK_MS = 800
 SERVICE_ENV = {"PAYMENT_BREAKER_RESET": "5"}
 #: The naive app waits as long as the service for a pooled database connection.
 NAIVE_ENV = {"DB_POOL_TIMEOUT": "5"}
+#: The production shape's Redis: an index of the bench's own (the breaker's keys are
+#: fixed; the tests use indexes 11 and 12).
+PRODUCTION_REDIS_URL = "redis://127.0.0.1:6379/13"
+BREAKER_KEYS = "payments:breaker:*"
+CLOUDWATCH_REGION = "us-east-1"
+#: Fake credentials for the moto server (never real ones: nothing leaves loopback).
+FAKE_AWS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
 
 @dataclass(frozen=True)
@@ -60,14 +75,14 @@ class Scenario:
 
 
 def scenarios(quick: bool) -> dict[str, Scenario]:
-    """The four scenarios; ``quick`` shrinks every duration to a few seconds (smoke runs)."""
+    """The scenarios; ``quick`` shrinks every duration to a few seconds (smoke runs)."""
     scale = 0.2 if quick else 1.0
     warmup = 1.0 if quick else 3.0
     hang_before, hang_for, healed_for = (2.0, 8.0, 6.0) if quick else (5.0, 25.0, 15.0)
     return {
         "steady": Scenario(
             "steady",
-            ("floor", "naive", "service"),
+            ("floor", "naive", "service", "production"),
             threads=8,
             connections=WORKERS * 8,
             latency_ms=STEADY_LATENCY_MS,
@@ -100,10 +115,21 @@ def scenarios(quick: bool) -> dict[str, Scenario]:
         ),
         "overhead": Scenario(
             "overhead",
-            ("floor", "service"),
+            ("floor", "service", "production"),
             threads=8,
             connections=WORKERS * 8,
             latency_ms=0,
+            duration=max(3.0, 15 * scale),
+            warmup=warmup,
+        ),
+        # The steady load on an empty database and on one holding a year of payments
+        # (bench/year.py): the service only, contenders named for their database.
+        "year": Scenario(
+            "year",
+            ("empty", "year"),
+            threads=8,
+            connections=WORKERS * 8,
+            latency_ms=STEADY_LATENCY_MS,
             duration=max(3.0, 15 * scale),
             warmup=warmup,
         ),
@@ -120,6 +146,8 @@ class Bench:
     sandbox_pid: int  # for its CPU time
     service_env: dict[str, str] = field(default_factory=dict)  # experiments: --service-env
     run_token: str = field(default_factory=lambda: secrets.token_hex(4))
+    cloudwatch: object | None = None  # tests.support.moto.MotoServer: the production shape
+    cloudwatch_pid: int | None = None  # for its CPU time
 
     def app_env(self, app: str, database_url: str, threads: int) -> dict[str, str]:
         env = {
@@ -130,30 +158,99 @@ class Bench:
             "GUNICORN_WORKERS": str(WORKERS),
             "GUNICORN_THREADS": str(threads),
         }
-        if app == "service":
+        if app in ("service", "production"):
             env.update(SERVICE_ENV, API_KEYS=API_KEY, LOG_LEVEL="INFO", **self.service_env)
         elif app == "naive":
             env.update(NAIVE_ENV)
+        if app == "production":
+            env.update(self.production_env())
         return env
 
+    @property
+    def log_group(self) -> str:
+        return f"pbench-{self.run_token}"
 
-def measure(bench: Bench, scenario: Scenario, app: str) -> dict:
+    def production_env(self) -> dict[str, str]:
+        """The shared breaker and CloudWatch logging, on loopback, fake credentials."""
+        if self.cloudwatch is None:
+            raise RuntimeError("the production shape needs the moto server (Bench.cloudwatch)")
+        none = str(self.tmp_dir / "no-aws-config")
+        return {
+            "REDIS_URL": PRODUCTION_REDIS_URL,
+            "CLOUDWATCH_LOG_GROUP": self.log_group,
+            "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS": self.cloudwatch.url,
+            "AWS_DEFAULT_REGION": CLOUDWATCH_REGION,
+            "AWS_ACCESS_KEY_ID": FAKE_AWS["aws_access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": FAKE_AWS["aws_secret_access_key"],
+            "AWS_CONFIG_FILE": none,
+            "AWS_SHARED_CREDENTIALS_FILE": none,
+        }
+
+    def reset_production(self) -> None:
+        """An empty log group and a closed shared breaker before a production-shape run."""
+        self.cloudwatch.reset()
+        client = redis.Redis.from_url(PRODUCTION_REDIS_URL, socket_timeout=2)
+        try:
+            for key in client.scan_iter(BREAKER_KEYS):
+                client.delete(key)
+        finally:
+            client.close()
+
+    def cloudwatch_delivery(self) -> dict:
+        """Log streams and events that reached CloudWatch (read after the workers exit)."""
+        logs = boto3.client(
+            "logs", endpoint_url=self.cloudwatch.url, region_name=CLOUDWATCH_REGION, **FAKE_AWS
+        )
+        streams = logs.describe_log_streams(logGroupName=self.log_group)["logStreams"]
+        events = 0
+        for stream in streams:
+            token = None
+            while True:
+                page = logs.get_log_events(
+                    logGroupName=self.log_group,
+                    logStreamName=stream["logStreamName"],
+                    startFromHead=True,
+                    **({"nextToken": token} if token else {}),
+                )
+                events += len(page["events"])
+                if not page["events"] or page["nextForwardToken"] == token:
+                    break
+                token = page["nextForwardToken"]
+        return {"cloudwatch_streams": len(streams), "cloudwatch_events": events}
+
+
+def measure(
+    bench: Bench,
+    scenario: Scenario,
+    app: str,
+    *,
+    label: str | None = None,
+    database: tuple[str, str] | None = None,
+) -> dict:
     """Run ``app`` under ``scenario`` once and return its figures.
 
     One wrk run covers warm-up and measurement, so the load is already steady when the
     measured window opens (new connections and the first requests are in the warm-up);
     the provider's behaviour changes at the window's start (and, for the hanging
     scenario, hangs and heals later). Figures count requests sent inside the window.
+
+    ``database`` (name, url) is used instead of a fresh one; ``label`` names the run's
+    files and figures instead of ``app``.
     """
-    db_name, db_url = bench.databases.fresh(f"{scenario.name}_{app}")
-    stem = f"{scenario.name}-{app}"
+    label = label or app
+    db_name, db_url = database or bench.databases.fresh(f"{scenario.name}_{label}")
+    stored_before = bench.databases.payment_counts(db_name) if database else {}
+    stem = f"{scenario.name}-{label}"
     bench.sandbox.reset()
     bench.sandbox.set_faults(latency_ms=STEADY_LATENCY_MS)
+    if app == "production":
+        bench.reset_production()
     process = AppProcess(
         app,
         bench.app_env(app, db_url, scenario.threads),
         bench.tmp_dir / f"{stem}-{bench.run_token}.log",
     )
+    log_start = process.stderr_path.stat().st_size if process.stderr_path.exists() else 0
     with process, ExitStack() as stack:
         poller = stack.enter_context(ActivityPoller(db_name))
         prober = None
@@ -169,7 +266,8 @@ def measure(bench: Bench, scenario: Scenario, app: str) -> dict:
             connections=scenario.connections,
             duration=scenario.warmup + scenario.duration,
             api_key=API_KEY,
-            run_id=f"{bench.run_token}-{stem}",
+            # Idempotency keys unique to this run: a reused database must not replay them.
+            run_id=f"{bench.run_token}-{stem}-{secrets.token_hex(3)}",
             records_path=bench.tmp_dir / f"{stem}.txt",
             think_ms=scenario.think_ms,
         )
@@ -179,7 +277,17 @@ def measure(bench: Bench, scenario: Scenario, app: str) -> dict:
         after = _snapshot(bench, process, db_name, since=marks["before"]["stderr"])
     stored = bench.databases.payment_counts(db_name)  # after in-flight requests finished
     window = result.window(marks["before"]["time"])
-    return _figures(scenario, app, window, marks, after, poller, prober, stored)
+    figures = _figures(scenario, label, window, marks, after, poller, prober, stored)
+    figures["log_lines"] = process.count_in_stderr(
+        "", log_start
+    )  # the whole run, master and workers
+    figures["stored_by_run"] = sum(stored.values()) - sum(stored_before.values())
+    if app == "production":
+        figures.update(bench.cloudwatch_delivery())  # the workers flushed it on exit
+        figures["cloudwatch_cpu_ms_per_payment"] = _per(
+            after["cloudwatch_cpu"] - marks["before"]["cloudwatch_cpu"], figures["payments_201"]
+        )
+    return figures
 
 
 def _snapshot(bench: Bench, process: AppProcess, db_name: str, since: int | None = None) -> dict:
@@ -190,7 +298,9 @@ def _snapshot(bench: Bench, process: AppProcess, db_name: str, since: int | None
         "time": time.time(),
         "cpu": process.cpu_seconds(),
         "db_cpu": {pid: own_cpu_seconds(pid) for pid in bench.databases.backend_pids(db_name)},
+        "db_blocks": bench.databases.block_counts(db_name),
         "provider_cpu": own_cpu_seconds(bench.sandbox_pid),
+        "cloudwatch_cpu": own_cpu_seconds(bench.cloudwatch_pid) if bench.cloudwatch_pid else 0.0,
         "connections": state["connections_accepted"],
         "charges": state["requests"].get("POST /v1/charges", 0),
         "stderr": process.stderr_size(),
@@ -251,6 +361,10 @@ def _per(seconds: float, payments: int) -> float | None:
     return round(seconds / payments * 1000, 3) if payments else None
 
 
+def _count_per(count: int, payments: int) -> float | None:
+    return round(count / payments, 2) if payments else None
+
+
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 1)
 
@@ -288,6 +402,13 @@ def _figures(scenario, app, load: LoadResult, marks, after, poller, prober, stor
         "db_cpu_ms_per_payment": _per(db_cpu, paid),
         "provider_cpu_ms_per_payment": _per(provider_cpu, paid),
         "system_cpu_ms_per_payment": _per(cpu + db_cpu + provider_cpu, paid),
+        # Shared-buffer misses: blocks PostgreSQL had to read in (page cache or disk).
+        "db_blocks_read_per_payment": _count_per(
+            after["db_blocks"][1] - before["db_blocks"][1], paid
+        ),
+        "db_blocks_hit_per_payment": _count_per(
+            after["db_blocks"][0] - before["db_blocks"][0], paid
+        ),
         "stored_payments": stored,
         "wrk_output": load.wrk_output,
     }

@@ -1,8 +1,8 @@
 """The benchmark driver works end to end, and its record parsing counts what it should.
 
-The smoke run is a few seconds of the steady scenario for the service and the naive
-app (real gunicorn, PostgreSQL, TLS sandbox and wrk): it proves the harness runs and
-reports, never how fast anything is.
+The smoke runs are a few seconds of a scenario (real gunicorn, PostgreSQL, TLS sandbox
+and wrk; Redis and a moto server for the production shape; a 2,000-payment table for
+the year scenario): they prove the harness runs and reports, never how fast anything is.
 """
 
 from __future__ import annotations
@@ -15,8 +15,24 @@ import pytest
 
 from bench.load import CLIENT_TIMEOUT_S, parse_records
 from bench.procs import ROOT
+from bench.scenarios import PRODUCTION_REDIS_URL
+from tests.support.redis_breaker import breaker_redis
 
 SMOKE_TIMEOUT_S = 240
+
+
+def quick_run(out, *args) -> dict:
+    """``python -m bench.run --quick ARGS --out OUT``; its ``results.json``."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", *args, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT_S,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
 
 
 @pytest.mark.slow
@@ -41,6 +57,43 @@ def test_quick_steady_run_reports_payments_for_both_apps(tmp_path):
         assert runs[app]["statuses"].get("201", 0) == runs[app]["payments_201"] > 0
         assert runs[app]["stored_payments"].get("succeeded", 0) >= runs[app]["payments_201"]
     assert (tmp_path / "wrk-steady-service.txt").read_text().startswith("Running")
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.gunicorn
+def test_quick_production_shape_ships_every_worker_log_to_cloudwatch(tmp_path):
+    with breaker_redis(PRODUCTION_REDIS_URL):  # skips when Redis is down
+        document = quick_run(tmp_path, "--scenarios", "steady", "--apps", "service,production")
+    runs = document["results"]["steady"]
+    production = runs["production"]
+    assert production["payments_201"] > 0 and runs["service"]["payments_201"] > 0
+    assert production["cloudwatch_streams"] == 2  # one per worker
+    assert 0 < production["cloudwatch_events"] <= production["log_lines"]
+    assert document["parameters"]["production_env"]["REDIS_URL"] == PRODUCTION_REDIS_URL
+    assert "| steady: production / service |" in (tmp_path / "results.txt").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.gunicorn
+def test_quick_year_run_fills_in_sql_explains_the_claim_and_reconciles_the_unknown(tmp_path):
+    # Two rounds: the second one loads the same pre-filled database again.
+    document = quick_run(
+        tmp_path, "--scenarios", "year", "--year-payments", "2000", "--repeat", "2"
+    )
+    runs = document["results"]["year"]
+    for contender in ("empty", "year"):  # every 201 a new payment, none a replay
+        assert 0 < runs[contender]["payments_201"] <= runs[contender]["stored_by_run"]
+    full = runs["year"]
+    assert full["fill"]["rows"]["payments"] == 2000
+    assert full["fill"]["statuses"]["unknown"] == 100
+    assert full["fill"]["rows"]["payment_events"] == 4000
+    assert full["reconcile_report"]["examined"] == 100
+    assert full["reconcile_report"]["failed"] == 100  # the sandbox never saw their keys
+    # A plan, not which one: on 2,000 rows a sequential scan is a fair choice.
+    assert len(full["claim_plans"]) == 2 and "Execution Time" in full["claim_plans"][0]
+    assert "claim query, batch 1:" in (tmp_path / "results.txt").read_text()
 
 
 def test_records_count_answers_lost_requests_and_slow_answers_as_timeouts():
