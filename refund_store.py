@@ -139,12 +139,15 @@ def not_refundable(payment_id: str, status: str) -> RefundNotAllowed:
 
 
 def exceeds_refundable(amount: int | None, left: int, currency: str) -> RefundNotAllowed:
-    wanted = "a refund" if amount is None else f"a refund of {to_major_units(amount, currency)}"
-    return RefundNotAllowed(
-        f"{wanted} {currency} exceeds the {to_major_units(left, currency)} {currency} left to "
-        "refund on this payment",
-        code="amount_exceeds_refundable",
-    )
+    left_text = f"{to_major_units(left, currency)} {currency}"
+    if amount is None:
+        message = f"nothing is left to refund on this payment ({left_text})"
+    else:
+        message = (
+            f"a refund of {to_major_units(amount, currency)} {currency} exceeds the "
+            f"{left_text} left to refund on this payment"
+        )
+    return RefundNotAllowed(message, code="amount_exceeds_refundable")
 
 
 # --------------------------------------------------------------------------- SQL

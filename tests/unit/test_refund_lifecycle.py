@@ -244,3 +244,11 @@ def test_the_provider_gets_the_refund_id_as_its_key_not_the_callers(life):
     assert refund.status == RefundState.SUCCEEDED
     (sent,) = life.provider.refund_calls
     assert sent.idempotency_key == refund.id != "order-1"
+
+
+def test_refunding_the_rest_when_nothing_is_left_says_so(life):
+    life.refund(life.paid.id, key="all")
+    with pytest.raises(RefundNotAllowed) as refused:
+        life.refund(life.paid.id, key="again")
+    assert refused.value.message == "nothing is left to refund on this payment (0.00 USD)"
+    assert refused.value.http_status == 422
