@@ -140,8 +140,10 @@ def not_refundable(payment_id: str, status: str) -> RefundNotAllowed:
 
 def exceeds_refundable(amount: int | None, left: int, currency: str) -> RefundNotAllowed:
     left_text = f"{to_major_units(left, currency)} {currency}"
-    if amount is None:
+    if amount is None and left == 0:
         message = f"nothing is left to refund on this payment ({left_text})"
+    elif amount is None:  # another refund took part of the rest meanwhile
+        message = f"what is left to refund changed meanwhile; {left_text} is left now"
     else:
         message = (
             f"a refund of {to_major_units(amount, currency)} {currency} exceeds the "
