@@ -29,6 +29,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -495,7 +496,7 @@ def _one_of(column: str, values: tuple[str, ...]) -> str:
 
 
 #: A partial index's rows: those reconciliation may still claim.
-UNSETTLED_ONLY = {
+UNSETTLED_ONLY: dict[str, Any] = {
     f"{dialect}_where": text("status IN ('pending', 'unknown')")
     for dialect in ("postgresql", "sqlite")
 }
