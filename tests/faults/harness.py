@@ -209,8 +209,8 @@ def assert_refund_books_balance(
     """Our refunds are exactly the sandbox's refunds, charge by charge.
 
     Row for row, our ``succeeded`` refunds are the sandbox's succeeded refunds (our refund
-    id as its idempotency key, amount, currency, refund id, charge id); no key was refunded twice; each payment's
-    ``amount_refunded_minor`` is the sum of its succeeded refunds here and of its charge's
+    id as its idempotency key, amount, currency, refund id, charge id); no key was refunded
+    twice; each payment's ``amount_refunded_minor`` is the sum of its succeeded refunds here and of its charge's
     succeeded refunds at the sandbox, and its ``refund_reserved_minor`` the sum of its
     ``pending``, ``unknown`` and ``succeeded`` refunds; equal totals per currency
     (``/_sandbox/state`` ``refunded_total_minor``). ``outside``: keys of refunds made at

@@ -154,9 +154,7 @@ def test_reconcile_during_an_in_flight_charge_leaves_it_alone(
     assert_books_balance(service.database_url, sandbox)
 
 
-def test_after_a_crash_one_reconcile_run_settles_a_charge_the_provider_made(
-    sandbox, start_service
-):
+def test_after_a_crash_one_reconcile_run_settles_a_charge_the_provider_made(sandbox, start_service):
     """No waiting out the in-flight window when the provider has a final answer: an
     operator's ``payments reconcile --older-than 0`` settles it at once, and a retry
     meanwhile is told (``Retry-After``) when the payment could be re-submitted."""
