@@ -210,11 +210,11 @@ def assert_refund_books_balance(
 
     Row for row, our ``succeeded`` refunds are the sandbox's succeeded refunds (our refund
     id as its idempotency key, amount, currency, refund id, charge id); no key was refunded
-    twice; each payment's ``amount_refunded_minor`` is the sum of its succeeded refunds
-    here and of its charge's succeeded refunds at the sandbox, and its ``refund_reserved_minor`` the sum of its
-    ``pending``, ``unknown`` and ``succeeded`` refunds; equal totals per currency
-    (``/_sandbox/state`` ``refunded_total_minor``). ``outside``: keys of refunds made at
-    the sandbox directly (:func:`refund_at_sandbox`), which we cannot know about.
+    twice; each payment's ``amount_refunded_minor`` is the sum of its succeeded refunds here
+    and of its charge's succeeded refunds at the sandbox, and its ``refund_reserved_minor``
+    the sum of its ``pending``, ``unknown`` and ``succeeded`` refunds; equal totals per
+    currency (``/_sandbox/state`` ``refunded_total_minor``). ``outside``: keys of refunds
+    made at the sandbox directly (:func:`refund_at_sandbox`), which we cannot know about.
     ``settled`` also requires that no refund is left ``pending`` or ``unknown`` and, once
     the sandbox has none pending either, that each charge's ``amount_refunded`` (which
     counts pending refunds) is ours plus what was refunded outside. Returns the totals.
