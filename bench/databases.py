@@ -80,6 +80,67 @@ class Databases:
         finally:
             engine.dispose()
 
+    def refund_counts(self, name: str) -> dict:
+        """Stored refunds by status, and how many payments they refund."""
+        engine = create_engine(f"{SERVER_URL}/{name}", poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(text("SELECT status, count(*) FROM refunds GROUP BY status"))
+                statuses = {status: count for status, count in rows}
+                payments = conn.execute(text("SELECT count(DISTINCT payment_id) FROM refunds"))
+                return {"statuses": statuses, "payments_refunded": payments.scalar()}
+        finally:
+            engine.dispose()
+
+    def analyze(self, name: str) -> None:
+        """``ANALYZE`` database ``name`` (what autovacuum does to a table within a minute
+        once a tenth of it changed)."""
+        engine = create_engine(
+            f"{SERVER_URL}/{name}", isolation_level="AUTOCOMMIT", poolclass=NullPool
+        )
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("ANALYZE")
+        finally:
+            engine.dispose()
+
+    def succeeded_payment_ids(self, name: str) -> list[str]:
+        """The ids of the ``succeeded`` payments, oldest first."""
+        engine = create_engine(f"{SERVER_URL}/{name}", poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    text(
+                        "SELECT id FROM payments WHERE status = 'succeeded' ORDER BY created_at, id"
+                    )
+                )
+                return [payment_id for (payment_id,) in rows]
+        finally:
+            engine.dispose()
+
+    def activity_counts(self, name: str) -> dict[str, int]:
+        """Database ``name``'s counters since the server started: transactions committed
+        and rolled back, rows inserted, updated, fetched (and returned by scans), blocks.
+
+        A backend adds its counts at most once a second and when it exits: read them
+        after the app's connections are closed (:meth:`wait_for_no_backends`)."""
+        with self._admin.connect() as conn:
+            row = conn.exec_driver_sql(
+                "SELECT xact_commit, xact_rollback, tup_inserted, tup_updated, tup_deleted,"
+                " tup_fetched, tup_returned FROM pg_stat_database WHERE datname = %(name)s",
+                {"name": name},
+            ).one()
+            return dict(row._mapping)
+
+    def wait_for_no_backends(self, name: str, timeout: float = 10.0) -> bool:
+        """Wait until no client is connected to database ``name``; False if one still is."""
+        deadline = time.monotonic() + timeout
+        while self.backend_pids(name):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_INTERVAL_S)
+        return True
+
     def block_counts(self, name: str) -> tuple[int, int]:
         """``(hit, read)``: blocks database ``name`` found in shared buffers, and read in
         (from the OS page cache or the disk), since the server started."""

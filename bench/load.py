@@ -2,7 +2,9 @@
 
 wrk drives a fixed number of keep-alive connections (closed loop) for a fixed time;
 the Lua script gives every request a unique Idempotency-Key and records each answer's
-status, send time and latency, parsed here into a :class:`LoadResult`. The prober is
+status, send time and latency, parsed here into a :class:`LoadResult`. Given a file of
+payment ids, the same script sends a partial refund of each instead, and the run ends
+early once every one of them has had an answer. The prober is
 open loop: it starts a fresh-connection ``GET /healthz`` every 50 ms whatever the
 earlier ones are doing, so a stuck server shows up as long latencies, not fewer samples.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import http.client
 import math
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +31,8 @@ CLIENT_TIMEOUT_S = 30.0
 PROBE_INTERVAL_S = 0.05
 PROBE_TIMEOUT_S = 10.0
 MAX_PROBES_IN_FLIGHT = 256
+#: How often the driver looks whether a refund run has had an answer for every payment.
+DONE_POLL_S = 0.05
 
 
 def ensure_wrk() -> str:
@@ -75,6 +80,9 @@ class LoadResult:
     wrk_output: str
     unanswered: int = 0
     statuses: Counter = field(default_factory=Counter)
+    #: A refund run that ran out of payments before its time: ``ended`` is then the
+    #: last answer, not when wrk exited.
+    stopped_early: bool = False
 
     def __post_init__(self) -> None:
         self.statuses = Counter(a.status for a in self.answers)
@@ -94,6 +102,7 @@ class LoadResult:
             {s: n for s, n in self.sent_per_second.items() if s >= start},
             self.summary,
             self.wrk_output,
+            stopped_early=self.stopped_early,
         )
 
     def answered_per_second(self) -> Counter:
@@ -139,10 +148,16 @@ def run_wrk(
     records_path: Path,
     threads: int = 1,
     think_ms: float = 0,
+    refund_ids: Path | None = None,
+    refund_amount: str = "5.00",
 ) -> LoadResult:
     """Run wrk against ``url`` for ``duration`` seconds and parse its records.
 
     ``think_ms`` > 0 paces each connection (a mean think time before each request).
+    ``refund_ids`` (a file of payment ids, one a line) makes every request a refund of
+    ``refund_amount`` of the next of those payments, each once; once every one of them
+    has had an answer wrk is stopped (SIGINT: it still writes its records), and the
+    result ends at the last answer.
     """
     wrk = ensure_wrk()
     records_path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,19 +179,65 @@ def run_wrk(
         "BENCH_RECORDS": str(records_path),
         "BENCH_THINK_MS": str(think_ms),
     }
+    done_path = None
+    if refund_ids is not None:
+        done_path = records_path.with_name(records_path.name + ".done")
+        done_path.unlink(missing_ok=True)
+        env.update(
+            BENCH_REFUND_IDS=str(refund_ids),
+            BENCH_REFUND_AMOUNT=refund_amount,
+            BENCH_THREADS=str(threads),
+            BENCH_DONE=str(done_path),
+        )
     started = time.time()
-    completed = subprocess.run(
-        command,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=duration + 60,
-        check=False,
+    stdout, stderr, returncode, stopped_early = _run(
+        command, env, duration + 60, done_path, threads
     )
     ended = time.time()
-    if completed.returncode != 0 or not records_path.exists():
-        raise RuntimeError(f"wrk failed ({completed.returncode}): {completed.stderr[-2000:]}")
-    return parse_records(records_path.read_text(), started, ended, completed.stdout)
+    if returncode != 0 or not records_path.exists():
+        raise RuntimeError(f"wrk failed ({returncode}): {stderr[-2000:]}")
+    result = parse_records(records_path.read_text(), started, ended, stdout)
+    if stopped_early and result.answers:
+        result.ended = max(a.done for a in result.answers)
+        result.stopped_early = True
+    return result
+
+
+def _run(
+    command: list[str], env: dict, timeout: float, done_path: Path | None, threads: int
+) -> tuple[str, str, int, bool]:
+    """Run wrk to its end, or, with ``done_path``, until all ``threads`` wrote their
+    number there; then SIGINT it (wrk's own way to stop early, and it writes its
+    records). ``(stdout, stderr, returncode, stopped early)``."""
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + timeout
+    stopped_early = False
+    while True:
+        wait = max(0.0, deadline - time.monotonic())
+        try:
+            stdout, stderr = process.communicate(
+                timeout=min(wait, DONE_POLL_S) if done_path and not stopped_early else wait
+            )
+            return stdout, stderr, process.returncode, stopped_early
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                process.kill()
+                process.communicate()
+                raise RuntimeError(f"wrk did not finish within {timeout:.0f} s") from None
+            if not stopped_early and _all_done(done_path, threads):
+                process.send_signal(signal.SIGINT)
+                stopped_early = True
+
+
+def _all_done(done_path: Path | None, threads: int) -> bool:
+    """Every wrk thread wrote its number into ``done_path``."""
+    return (
+        done_path is not None
+        and done_path.exists()
+        and (len(done_path.read_text().split()) >= threads)
+    )
 
 
 def parse_records(text: str, started: float, ended: float, wrk_output: str = "") -> LoadResult:

@@ -4,6 +4,12 @@
 --     wrk -t1 -c16 -d15s -s bench/payments.lua http://127.0.0.1:8000
 --
 -- BENCH_THINK_MS (optional) paces every connection, see delay() below.
+-- BENCH_REFUND_IDS (optional) names a file of payment ids, one a line: then every
+-- request is instead a partial refund (BENCH_REFUND_AMOUNT, default 5.00) of the next
+-- payment of the file, its own Idempotency-Key, each payment refunded once. With
+-- BENCH_THREADS wrk threads, thread k takes lines k, k + BENCH_THREADS, ... When a
+-- thread has had an answer for each of its payments, its connections stay idle and it
+-- appends its number to BENCH_DONE (if set): the driver then stops wrk early.
 -- Each request carries its send time in X-Request-ID (b<sec>.<usec>-<thread>-<n>); the
 -- apps echo it, so each response yields its own latency and the second it was sent.
 -- done() writes one line per response ("r <sent> <latency_us> <status>"), the requests
@@ -28,6 +34,12 @@ local auth = "Bearer " .. (os.getenv("BENCH_API_KEY") or "")
 local records_path = os.getenv("BENCH_RECORDS")
 local think_ms = tonumber(os.getenv("BENCH_THINK_MS") or "0")
 local body = '{"amount": "25.99", "currency": "USD", "payment_method": "card"}'
+local refund_ids_path = os.getenv("BENCH_REFUND_IDS")
+local refund_body = string.format('{"amount": "%s"}', os.getenv("BENCH_REFUND_AMOUNT") or "5.00")
+local thread_count = tonumber(os.getenv("BENCH_THREADS") or "1")
+local done_path = os.getenv("BENCH_DONE")
+-- An idle connection waits this long (ms) for a request that will never come.
+local PARKED_MS = 24 * 3600 * 1000
 
 local threads = {}
 
@@ -40,35 +52,82 @@ function init(args)
   math.randomseed(os.time() * 1000 + thread_id)
   sent_count = 0
   unmatched = 0
+  answered = 0
+  taken = 0
+  verified = thread_id ~= 1 -- see request()
   records = {}
   sent = {}
+  payment_ids = nil
+  if refund_ids_path then
+    payment_ids = {}
+    local line_number = 0
+    for line in io.lines(refund_ids_path) do
+      line_number = line_number + 1
+      if line ~= "" and (line_number - 1) % thread_count == thread_id - 1 then
+        payment_ids[#payment_ids + 1] = line
+      end
+    end
+  end
 end
 
 -- With BENCH_THINK_MS each connection is a client that waits a random think time
 -- (uniform, that mean) before each request: a paced load instead of as fast as the
 -- server answers. Keep 2x the mean under the server's keep-alive timeout, or idle
 -- connections get closed under the client and requests are lost in between.
-if think_ms > 0 then
+-- In refund mode a connection takes the next payment before each request (wrk calls
+-- delay() just before request(), and the two may interleave across connections), and
+-- parks itself when none is left.
+if think_ms > 0 or refund_ids_path then
   function delay()
-    return math.random() * 2 * think_ms
+    if payment_ids then
+      if taken >= #payment_ids then
+        return PARKED_MS
+      end
+      taken = taken + 1
+    end
+    return think_ms > 0 and math.random() * 2 * think_ms or 0
   end
 end
 
-function request()
-  sent_count = sent_count + 1
-  local sec, usec = now()
-  sent[sec] = (sent[sec] or 0) + 1
-  local headers = {
+local function headers_at(sec, usec, n)
+  return {
     ["Authorization"] = auth,
     ["Content-Type"] = "application/json",
-    ["Idempotency-Key"] = string.format("%s-%d-%d", run_id, thread_id, sent_count),
-    ["X-Request-ID"] = string.format("b%d.%06d-%d-%d", sec, usec, thread_id, sent_count),
+    ["Idempotency-Key"] = string.format("%s-%d-%d", run_id, thread_id, n),
+    ["X-Request-ID"] = string.format("b%d.%06d-%d-%d", sec, usec, thread_id, n),
   }
+end
+
+function request()
+  local sec, usec = now()
+  if not verified then
+    -- wrk calls request() once in the first thread before any connection exists, only
+    -- to check what it returns: that request is never sent, so it counts for nothing.
+    verified = true
+    local path = payment_ids and "/v1/payments/pay_verify/refunds" or "/v1/payments"
+    return wrk.format("POST", path, headers_at(sec, usec, 0), body)
+  end
+  sent_count = sent_count + 1
+  sent[sec] = (sent[sec] or 0) + 1
+  local headers = headers_at(sec, usec, sent_count)
+  if payment_ids then
+    -- Only after a socket error can a connection send without taking a payment first:
+    -- then it asks for one that does not exist (a 404, counted as an error).
+    local id = sent_count <= taken and payment_ids[sent_count] or "pay_none"
+    local path = string.format("/v1/payments/%s/refunds", id)
+    return wrk.format("POST", path, headers, refund_body)
+  end
   return wrk.format("POST", "/v1/payments", headers, body)
 end
 
 function response(status, headers, _)
   local sec, usec = now()
+  answered = answered + 1
+  if payment_ids and answered == #payment_ids and done_path then
+    local f = assert(io.open(done_path, "a"))
+    f:write(string.format("%d\n", thread_id))
+    f:close()
+  end
   local rid = headers["X-Request-ID"] or headers["x-request-id"] or headers["X-Request-Id"]
   local s, u = string.match(rid or "", "^b(%d+)%.(%d+)%-")
   if not s then

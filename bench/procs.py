@@ -178,6 +178,14 @@ def own_cpu_seconds(pid: int) -> float:
     return 0.0 if stat is None else (stat[11] + stat[12]) / CLOCK_TICKS
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """``(busy, total)`` CPU seconds of the whole machine, all cores, since boot (from
+    ``/proc/stat``; idle and I/O wait are not busy)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(fields[:8])  # user .. steal (guest time is already in user)
+    return (total - fields[3] - fields[4]) / CLOCK_TICKS, total / CLOCK_TICKS
+
+
 def find_child(marker: str) -> int | None:
     """The pid of a child of this process whose command line contains ``marker``."""
     for pid in _children(os.getpid()):

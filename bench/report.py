@@ -85,6 +85,35 @@ ROWS = {
         ("claim_uses_index", "claim query plan uses an index"),
         ("claim_execution_ms", "claim query ms (EXPLAIN ANALYZE; batch 1, 2)"),
     ],
+    "refunds": [
+        ("throughput_per_s", "payments or refunds/s (201)"),
+        ("rounds.throughput_per_s", "per s, each round"),
+        ("p50_ms", "p50 latency ms"),
+        ("p95_ms", "p95 latency ms"),
+        ("p99_ms", "p99 latency ms"),
+        ("statuses", "responses by status (measured window)"),
+        ("errors", "errors (4xx/5xx + socket)"),
+        ("cpu_ms_per_payment", "app CPU ms per 201"),
+        ("db_cpu_ms_per_payment", "PostgreSQL CPU ms per 201"),
+        ("provider_cpu_ms_per_payment", "sandbox CPU ms per 201"),
+        ("system_cpu_ms_per_payment", "app + PostgreSQL + sandbox CPU ms per 201"),
+        ("rounds.system_cpu_ms_per_payment", "app + PostgreSQL + sandbox CPU ms, each round"),
+        ("db_commits_per_stored", "PostgreSQL commits per payment/refund stored"),
+        ("db_rows_inserted_per_stored", "rows inserted per payment/refund stored"),
+        ("db_rows_updated_per_stored", "rows updated per payment/refund stored"),
+        ("db_rows_fetched_per_stored", "rows fetched per payment/refund stored"),
+        ("db_blocks_hit_per_payment", "PostgreSQL blocks found in shared buffers per 201"),
+        ("db_peak_in_use", "peak DB connections in use"),
+        ("provider_connections_run", "provider TCP connections opened in the window"),
+        ("duration_s", "measured window s"),
+        ("stopped_early", "ran out of payments to refund before its time"),
+        ("payments_to_refund", "payments to refund (all the round's succeeded ones)"),
+        ("stored_by_run", "payments / refunds stored by the best round"),
+        ("stored_refunds", "refunds stored after the best round"),
+        ("rounds.measured_cores", "cores busy: app + PostgreSQL + sandbox, each round"),
+        ("rounds.machine_cores", "cores busy: whole machine, each round"),
+        ("rounds.load_average", "load average (1 min) after each round's phase"),
+    ],
 }
 #: Ratios of one run: (scenario, subject, the contenders it is set against).
 RATIOS = (
@@ -93,6 +122,22 @@ RATIOS = (
     ("year", "year", ("empty",)),
 )
 CPU_RATIOS = ("cpu_ms_per_payment", "db_cpu_ms_per_payment", "system_cpu_ms_per_payment")
+#: The refunds scenario's refund / payment ratios, paired round by round: (key, label).
+REFUND_RATIOS = (
+    ("throughput_per_s", "per s (201)"),
+    ("p50_ms", "p50 latency"),
+    ("p95_ms", "p95 latency"),
+    ("p99_ms", "p99 latency"),
+    ("cpu_ms_per_payment", "app CPU per 201"),
+    ("db_cpu_ms_per_payment", "PostgreSQL CPU per 201"),
+    ("provider_cpu_ms_per_payment", "sandbox CPU per 201"),
+    ("system_cpu_ms_per_payment", "app + PostgreSQL + sandbox CPU per 201"),
+)
+#: A refund "costs no more than a payment" when the median refund / payment ratio of
+#: these figures is at most 1 + REFUND_NOISE: the rounds of one phase alone move by about
+#: that much on this shared machine (docs/BENCHMARKS.md, "A refund against a payment").
+REFUND_TARGETS = ("system_cpu_ms_per_payment", "p50_ms", "p99_ms")
+REFUND_NOISE = 0.10
 
 
 def _cell(value) -> str:
@@ -147,8 +192,8 @@ def median(values: list) -> float | None:
 
 
 def evaluate(results: dict, params: dict) -> list[dict]:
-    """The targets of issues 6 and 14 that this run's figures can decide, each met or
-    missed."""
+    """The targets of issues 6, 12 and 14 that this run's figures can decide, each met
+    or missed."""
     targets = []
 
     def check(name: str, value, met: bool | None, wanted: str) -> None:
@@ -226,6 +271,18 @@ def evaluate(results: dict, params: dict) -> list[dict]:
             )
             uses = full["claim_uses_index"]
             check("year: claim query plan uses an index", "yes" if uses else "no", uses, "yes")
+    refunds = results.get("refunds", {})
+    if "refunds" in refunds and "payments" in refunds:
+        limit = round(1 + REFUND_NOISE, 2)
+        labels = dict(REFUND_RATIOS)
+        for key in REFUND_TARGETS:
+            r = median(paired_ratios(refunds["refunds"], refunds["payments"], key))
+            check(
+                f"refunds: {labels[key]}, refund / payment (median of paired rounds)",
+                r,
+                r is not None and r <= limit,
+                f"<= {limit}",
+            )
     overhead = results.get("overhead", {})
     if "service" in overhead and "floor" in overhead:
         r = _ratio(
@@ -273,6 +330,47 @@ def ratios_table(results: dict) -> str | None:
     return "\n".join([header, "|---" * 7 + "|", *lines])
 
 
+def refund_ratios_table(results: dict) -> str | None:
+    """Refund / payment, each figure: round by round (the two phases of a round ran back
+    to back on one database), their median, and the spread of the rounds of each phase
+    alone (largest over smallest), which is the noise to read the ratios against."""
+    runs = results.get("refunds", {})
+    if "refunds" not in runs or "payments" not in runs:
+        return None
+    refunds, payments = runs["refunds"], runs["payments"]
+    lines = [
+        "| refund / payment | each round | median | spread of the payment rounds"
+        " | spread of the refund rounds |",
+        "|---" * 5 + "|",
+    ]
+    for key, label in REFUND_RATIOS:
+        each = paired_ratios(refunds, payments, key)
+        cells = [each, median(each), spread(payments, key), spread(refunds, key)]
+        lines.append(f"| {label} | " + " | ".join(map(_cell, cells)) + " |")
+    return "\n".join(lines)
+
+
+def statements_table(results: dict) -> str | None:
+    """What one payment and one refund ask of the database (``bench/statements.py``)."""
+    counts = results.get("refunds", {}).get("refunds", {}).get("statements")
+    if not counts:
+        return None
+    payment, refund = counts["payment"], counts["refund"]
+    keys = sorted(set(payment) | set(refund), key=lambda k: (":" in k, k))
+    lines = [
+        f"| per request (in-process, {counts['requests']} of each) | payment | refund |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {k} | {_cell(payment.get(k, 0))} | {_cell(refund.get(k, 0))} |" for k in keys]
+    return "\n".join(lines)
+
+
+def spread(figures: dict, key: str) -> float | None:
+    """Largest over smallest of the rounds' ``key`` (None with fewer than two rounds)."""
+    values = [v for v in _get(figures, f"rounds.{key}") or [] if v]
+    return round(max(values) / min(values), 2) if len(values) > 1 else None
+
+
 def plans_text(results: dict) -> str | None:
     """The year scenario's claim query plans (EXPLAIN (ANALYZE, BUFFERS) text)."""
     plans = results.get("year", {}).get("year", {}).get("claim_plans") or []
@@ -282,7 +380,13 @@ def plans_text(results: dict) -> str | None:
 
 def render(results: dict, targets: list[dict]) -> str:
     parts = [scenario_table(name, runs) for name, runs in results.items()]
-    parts += [p for p in (ratios_table(results), plans_text(results)) if p]
+    extra = (
+        ratios_table(results),
+        refund_ratios_table(results),
+        statements_table(results),
+        plans_text(results),
+    )
+    parts += [p for p in extra if p]
     if targets:
         parts.append(targets_table(targets))
     return "\n\n".join(parts) + "\n"

@@ -1,11 +1,13 @@
-"""``python -m bench.run [--quick] [--scenarios steady,slow,hang,overhead,year] [--apps ...]``.
+"""``python -m bench.run [--quick] [--scenarios steady,slow,hang,overhead,year,refunds] ...``.
 
 One command for the whole comparison: PostgreSQL (started by
 ``scripts/ensure_services.sh`` when down), a TLS sandbox provider (and, for the
 production shape, Redis and a moto server standing in for CloudWatch), then per
 scenario each app under gunicorn on loopback with a fresh database, loaded by wrk from
 its own process. The year scenario loads the service on an empty database and on one
-pre-filled with a year of payments, then times a reconciliation pass over it. Prints
+pre-filled with a year of payments, then times a reconciliation pass over it. The
+refunds scenario loads the service with payments, then with a partial refund of each
+of those payments, round after round. Prints
 the tables and the targets; writes ``results.json`` and ``results.txt`` plus wrk's own
 output to the output directory, and the incident timeline picture when the hanging
 scenario ran.
@@ -27,8 +29,9 @@ from pathlib import Path
 from bench import report, year
 from bench.databases import Databases
 from bench.load import CLIENT_TIMEOUT_S, PROBE_INTERVAL_S, ensure_wrk
-from bench.procs import APPS, ROOT, find_child
+from bench.procs import APPS, ROOT, SCRUBBED, find_child
 from bench.scenarios import (
+    API_KEY,
     NAIVE_ENV,
     SERVICE_ENV,
     WORKERS,
@@ -44,14 +47,24 @@ OUT_DIR = ROOT / "bench" / "out"
 QUICK_OUT_DIR = OUT_DIR / "tmp" / "quick"
 PLOT_PATH = ROOT / "docs" / "incident_timeline.png"
 #: Scenarios that measure capacity, run ``--repeat`` times; and what each round keeps.
-REPEATED = ("steady", "overhead", "year")
+REPEATED = ("steady", "overhead", "year", "refunds")
 ROUND_FIGURES = (
     "throughput_per_s",
+    "p50_ms",
+    "p95_ms",
     "p99_ms",
     "cpu_ms_per_payment",
     "db_cpu_ms_per_payment",
+    "provider_cpu_ms_per_payment",
     "system_cpu_ms_per_payment",
 )
+DEFAULT_SCENARIOS = "steady,slow,hang,overhead,year,refunds"
+#: Rounds without ``--repeat`` (``--quick``: 1); the refunds scenario's ratios are judged
+#: on the median of its paired rounds, so it gets an odd number.
+DEFAULT_ROUNDS = 2
+DEFAULT_REFUND_ROUNDS = 3
+#: Each refund of the refunds scenario gives back this much of a 25.99 payment.
+REFUND_AMOUNT = "5.00"
 #: Without ``--quick`` the year scenario fills this many payments; with it, far fewer.
 QUICK_YEAR_PAYMENTS = 20_000
 
@@ -59,22 +72,29 @@ QUICK_YEAR_PAYMENTS = 20_000
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few seconds per scenario")
-    parser.add_argument(
-        "--scenarios", default="steady,slow,hang,overhead,year", help="comma-separated, in order"
-    )
+    parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS, help="comma-separated, in order")
     parser.add_argument(
         "--apps",
         default="",
         help="only these apps: floor,naive,service,production (year always runs the service)",
     )
     parser.add_argument(
-        "--repeat", type=int, help="rounds of steady, overhead and year (default 2; --quick: 1)"
+        "--repeat",
+        type=int,
+        help=f"rounds of steady, overhead, year (default {DEFAULT_ROUNDS}) and refunds "
+        f"(default {DEFAULT_REFUND_ROUNDS}); --quick: 1",
     )
     parser.add_argument(
         "--year-payments",
         type=int,
         help=f"payments the year scenario pre-fills (default {year.PAYMENTS:,}; "
         f"--quick: {QUICK_YEAR_PAYMENTS:,})",
+    )
+    parser.add_argument(
+        "--refunds-stale-stats",
+        action="store_true",
+        help="refunds scenario: no ANALYZE between a round's payments and its refunds (left "
+        "to autovacuum: in a short run the payments table keeps an empty table's statistics)",
     )
     parser.add_argument(
         "--out", type=Path, help=f"output directory (default {OUT_DIR}; --quick: {QUICK_OUT_DIR})"
@@ -108,7 +128,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.year_payments < year.UNKNOWN:
         parser.error(f"--year-payments must be at least {year.UNKNOWN}")
     args.out = args.out or (QUICK_OUT_DIR if args.quick else OUT_DIR)
-    args.repeat = args.repeat or (1 if args.quick else 2)
+    if args.repeat is not None and args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    args.refund_rounds = args.repeat or (1 if args.quick else DEFAULT_REFUND_ROUNDS)
+    args.repeat = args.repeat or (1 if args.quick else DEFAULT_ROUNDS)
     default_plot = PLOT_PATH if args.out == OUT_DIR else args.out / "incident_timeline.png"
     args.plot = args.plot or default_plot
     return args
@@ -153,6 +176,11 @@ def parameters(args: argparse.Namespace, bench: Bench) -> dict:
         "year_payments": args.year_payments if "year" in names else None,
         "year_unknown": year.UNKNOWN if "year" in names else None,
         "reconcile_older_than_s": year.RECONCILE_OLDER_THAN_S if "year" in names else None,
+        "refund_amount": REFUND_AMOUNT if "refunds" in names else None,
+        "refund_rounds": args.refund_rounds if "refunds" in names else None,
+        "refunds_analyze_between_phases": not args.refunds_stale_stats
+        if "refunds" in names
+        else None,
         "breaker_failures": defaults.payment_breaker_failures,
         "breaker_reset": defaults.payment_breaker_reset,
         "payment_pool_timeout": defaults.payment_pool_timeout,
@@ -173,6 +201,8 @@ def run_scenario(bench: Bench, scenario, args) -> dict[str, dict]:
     rounds = args.repeat if scenario.name in REPEATED else 1
     if scenario.name == "year":
         return run_year(bench, scenario, args, rounds)
+    if scenario.name == "refunds":
+        return run_refunds(bench, scenario, args, args.refund_rounds)
     apps = [a for a in scenario.apps if not args.app_names or a in args.app_names]
     return run_rounds(scenario, apps, rounds, args, lambda app: measure(bench, scenario, app))
 
@@ -194,6 +224,89 @@ def run_year(bench: Bench, scenario, args, rounds: int) -> dict[str, dict]:
     return runs
 
 
+def run_refunds(bench: Bench, scenario, args, rounds: int) -> dict[str, dict]:
+    """Round after round, on a fresh database each: the steady load of payments on the
+    service, then the same load of partial refunds, one of each payment the first phase
+    stored (warm-up included), each under its own key. The refund phase ends early if it
+    runs out of payments. A refund needs its payment, so each round runs its payments
+    first; paired rounds are the two phases of one round.
+
+    Between the phases the database is analysed, as autovacuum would have done within a
+    minute on a live table (``--refunds-stale-stats``: not). After the rounds, a child
+    process counts what one payment and one refund ask of the database
+    (``bench/statements.py``), on the last round's database."""
+    phases: dict[str, list[dict]] = {"payments": [], "refunds": []}
+    database = None
+    for round_ in range(rounds):
+        database = bench.databases.fresh(f"refunds_{round_ + 1}")
+        suffix = f"-{round_ + 1}" if rounds > 1 else ""
+        for phase in phases:
+            print(f"bench: refunds / {phase} ...", file=sys.stderr, flush=True)
+            ids_path = None
+            if phase == "refunds":
+                if not args.refunds_stale_stats:
+                    bench.databases.analyze(database[0])
+                ids = bench.databases.succeeded_payment_ids(database[0])
+                ids_path = bench.tmp_dir / f"refunds-payment-ids{suffix}.txt"
+                ids_path.write_text("".join(f"{i}\n" for i in ids))
+            figures = measure(
+                bench, scenario, "service", label=phase, database=database, refund_ids=ids_path
+            )
+            if ids_path is not None:
+                figures["payments_to_refund"] = len(ids)
+            figures["load_average"] = round(os.getloadavg()[0], 2)
+            wrk_output = figures.pop("wrk_output")
+            (args.out / f"wrk-{scenario.name}-{phase}{suffix}.txt").write_text(wrk_output)
+            phases[phase].append(figures)
+    chosen = _keep_best(phases, rounds)
+    print("bench: refunds / statements per request ...", file=sys.stderr, flush=True)
+    chosen["refunds"]["statements"] = statement_counts(bench, database[1])
+    return chosen
+
+
+def statement_counts(bench: Bench, url: str, requests: int = 20) -> dict:
+    """``bench/statements.py`` in a child process configured like the service."""
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
+    env.update(
+        SERVICE_ENV,
+        **bench.service_env,
+        DATABASE_URL=url,
+        PAYMENT_API_URL=bench.sandbox.url,
+        PAYMENT_API_KEY=bench.sandbox.api_key,
+        REQUESTS_CA_BUNDLE=bench.sandbox.ca_bundle,
+        API_KEYS=API_KEY,
+    )
+    log = bench.tmp_dir / f"statements-{bench.run_token}.log"
+    with open(log, "ab") as stderr:
+        completed = subprocess.run(
+            [sys.executable, "-m", "bench.statements", "--requests", str(requests)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            timeout=120,
+            check=False,
+        )
+    if completed.returncode != 0:
+        tail = log.read_bytes()[-2000:].decode(errors="replace")
+        raise RuntimeError(f"bench.statements failed:\n{tail}")
+    return json.loads(completed.stdout)
+
+
+def _keep_best(runs: dict[str, list[dict]], rounds: int) -> dict[str, dict]:
+    """Each contender's round with the best throughput (interference only ever slows a
+    run), with every round's figures beside it when there were several."""
+    chosen = {}
+    for app, app_runs in runs.items():
+        best = max(app_runs, key=lambda f: f["throughput_per_s"])
+        if rounds > 1:
+            best["rounds"] = {k: [f.get(k) for f in app_runs] for k in ROUND_FIGURES}
+            for key in ("load_average", "measured_cores", "machine_cores"):
+                best["rounds"][key] = [f.get(key) for f in app_runs]
+        chosen[app] = best
+    return chosen
+
+
 def run_rounds(scenario, apps, rounds: int, args, run_one) -> dict[str, dict]:
     """Each app's figures; capacity scenarios run ``--repeat`` rounds, alternating the app
     order (A B C, C B A ...) so drift on a shared machine hits every app alike, and keep
@@ -203,17 +316,12 @@ def run_rounds(scenario, apps, rounds: int, args, run_one) -> dict[str, dict]:
         for app in apps if round_ % 2 == 0 else apps[::-1]:
             print(f"bench: {scenario.name} / {app} ...", file=sys.stderr, flush=True)
             figures = run_one(app)
+            figures["load_average"] = round(os.getloadavg()[0], 2)
             suffix = f"-{round_ + 1}" if rounds > 1 else ""
             wrk_output = figures.pop("wrk_output")
             (args.out / f"wrk-{scenario.name}-{app}{suffix}.txt").write_text(wrk_output)
             runs[app].append(figures)
-    chosen = {}
-    for app, app_runs in runs.items():
-        best = max(app_runs, key=lambda f: f["throughput_per_s"])
-        if rounds > 1:
-            best["rounds"] = {k: [f[k] for f in app_runs] for k in ROUND_FIGURES}
-        chosen[app] = best
-    return chosen
+    return _keep_best(runs, rounds)
 
 
 def main(argv=None) -> int:

@@ -29,7 +29,7 @@ import redis
 
 from bench.databases import ActivityPoller, Databases
 from bench.load import CLIENT_TIMEOUT_S, HealthProber, LoadResult, percentile, run_wrk
-from bench.procs import AppProcess, own_cpu_seconds
+from bench.procs import AppProcess, machine_cpu_seconds, own_cpu_seconds
 
 API_KEY = "bench-inbound-key-0123456789"
 POOL_EXHAUSTED = "Database query failed: connection pool exhausted"
@@ -133,6 +133,18 @@ def scenarios(quick: bool) -> dict[str, Scenario]:
             duration=max(3.0, 15 * scale),
             warmup=warmup,
         ),
+        # The steady load on the service, then, on the same database, a partial refund of
+        # each payment it made under the same load (bench/run.py run_refunds): the
+        # contenders are the two phases of a round.
+        "refunds": Scenario(
+            "refunds",
+            ("payments", "refunds"),
+            threads=8,
+            connections=WORKERS * 8,
+            latency_ms=STEADY_LATENCY_MS,
+            duration=max(3.0, 15 * scale),
+            warmup=warmup,
+        ),
     }
 
 
@@ -226,6 +238,7 @@ def measure(
     *,
     label: str | None = None,
     database: tuple[str, str] | None = None,
+    refund_ids: Path | None = None,
 ) -> dict:
     """Run ``app`` under ``scenario`` once and return its figures.
 
@@ -235,13 +248,20 @@ def measure(
     scenario, hangs and heals later). Figures count requests sent inside the window.
 
     ``database`` (name, url) is used instead of a fresh one; ``label`` names the run's
-    files and figures instead of ``app``.
+    files and figures instead of ``app``. With ``refund_ids`` (a file of payment ids in
+    ``database``, made by an earlier run) every request is a partial refund of the next
+    of those payments instead of a payment, and the sandbox keeps its charges; the
+    "payment" figures are then per refund (a 201 answer).
     """
     label = label or app
     db_name, db_url = database or bench.databases.fresh(f"{scenario.name}_{label}")
     stored_before = bench.databases.payment_counts(db_name) if database else {}
+    refunds_before = bench.databases.refund_counts(db_name) if refund_ids else {}
+    bench.databases.wait_for_no_backends(db_name)  # the counts' own connections included
+    activity_before = bench.databases.activity_counts(db_name)
     stem = f"{scenario.name}-{label}"
-    bench.sandbox.reset()
+    if refund_ids is None:
+        bench.sandbox.reset()
     bench.sandbox.set_faults(latency_ms=STEADY_LATENCY_MS)
     if app == "production":
         bench.reset_production()
@@ -270,18 +290,29 @@ def measure(
             run_id=f"{bench.run_token}-{stem}-{secrets.token_hex(3)}",
             records_path=bench.tmp_dir / f"{stem}.txt",
             think_ms=scenario.think_ms,
+            refund_ids=refund_ids,
         )
         marks = phases.stop()
         if "before" not in marks:
             raise RuntimeError(f"{stem}: the measured window never opened")
         after = _snapshot(bench, process, db_name, since=marks["before"]["stderr"])
-    stored = bench.databases.payment_counts(db_name)  # after in-flight requests finished
+    # After in-flight requests finished, and the app's backends added their counts.
+    bench.databases.wait_for_no_backends(db_name)
+    activity = bench.databases.activity_counts(db_name)
+    stored = bench.databases.payment_counts(db_name)
     window = result.window(marks["before"]["time"])
     figures = _figures(scenario, label, window, marks, after, poller, prober, stored)
     figures["log_lines"] = process.count_in_stderr(
         "", log_start
     )  # the whole run, master and workers
     figures["stored_by_run"] = sum(stored.values()) - sum(stored_before.values())
+    if refund_ids is not None:
+        refunds = bench.databases.refund_counts(db_name)
+        figures["stored_refunds"] = refunds
+        figures["stored_by_run"] = sum(refunds["statuses"].values()) - sum(
+            refunds_before["statuses"].values()
+        )
+    figures.update(_database_work(activity_before, activity, figures["stored_by_run"]))
     if app == "production":
         figures.update(bench.cloudwatch_delivery())  # the workers flushed it on exit
         figures["cloudwatch_cpu_ms_per_payment"] = _per(
@@ -303,7 +334,9 @@ def _snapshot(bench: Bench, process: AppProcess, db_name: str, since: int | None
         "cloudwatch_cpu": own_cpu_seconds(bench.cloudwatch_pid) if bench.cloudwatch_pid else 0.0,
         "connections": state["connections_accepted"],
         "charges": state["requests"].get("POST /v1/charges", 0),
+        "refunds": state["requests"].get("POST /v1/refunds", 0),
         "stderr": process.stderr_size(),
+        "machine_cpu": machine_cpu_seconds(),
     }
     if since is not None:
         snap["pool_exhausted"] = process.count_in_stderr(POOL_EXHAUSTED, since)
@@ -361,8 +394,30 @@ def _per(seconds: float, payments: int) -> float | None:
     return round(seconds / payments * 1000, 3) if payments else None
 
 
+def _cores(cpu_seconds: float, before: dict, after: dict) -> float | None:
+    """CPU seconds over the wall time between two snapshots."""
+    elapsed = after["time"] - before["time"]
+    return round(cpu_seconds / elapsed, 2) if elapsed > 0 else None
+
+
 def _count_per(count: int, payments: int) -> float | None:
     return round(count / payments, 2) if payments else None
+
+
+#: What the database did per object a run stored, by ``pg_stat_database`` counter.
+_DATABASE_WORK = {
+    "xact_commit": "db_commits_per_stored",
+    "tup_inserted": "db_rows_inserted_per_stored",
+    "tup_updated": "db_rows_updated_per_stored",
+    "tup_fetched": "db_rows_fetched_per_stored",
+}
+
+
+def _database_work(before: dict, after: dict, stored: int) -> dict:
+    """Transactions and rows per payment (or refund) the run stored, over the whole run
+    (warm-up and requests still in flight at the end included: every request of a run
+    does the same work, so the whole run gives exact counts)."""
+    return {key: _count_per(after[c] - before[c], stored) for c, key in _DATABASE_WORK.items()}
 
 
 def _ms(value: float | None) -> float | None:
@@ -385,6 +440,7 @@ def _figures(scenario, app, load: LoadResult, marks, after, poller, prober, stor
         "payments_201": paid,
         "throughput_per_s": round(paid / load.duration, 1) if load.duration else 0.0,
         "p50_ms": _ms(percentile(latencies, 50)),
+        "p95_ms": _ms(percentile(latencies, 95)),
         "p99_ms": _ms(percentile(latencies, 99)),
         "statuses": {str(k): v for k, v in sorted(load.statuses.items())},
         "errors": sum(v for k, v in load.statuses.items() if k >= 400) + socket_errors,
@@ -394,6 +450,8 @@ def _figures(scenario, app, load: LoadResult, marks, after, poller, prober, stor
         "provider_connections_run": after["connections"] - before["connections"],
         "provider_connections_total": after["connections"],
         "provider_charge_requests": after["charges"] - before["charges"],
+        "provider_refund_requests": after["refunds"] - before["refunds"],
+        "stopped_early": load.stopped_early,
         "db_peak_in_use": poller.peak(load.started, in_use=True),
         "db_peak_open": poller.peak(load.started, in_use=False),
         "pool_exhausted_errors": after["pool_exhausted"],
@@ -402,6 +460,11 @@ def _figures(scenario, app, load: LoadResult, marks, after, poller, prober, stor
         "db_cpu_ms_per_payment": _per(db_cpu, paid),
         "provider_cpu_ms_per_payment": _per(provider_cpu, paid),
         "system_cpu_ms_per_payment": _per(cpu + db_cpu + provider_cpu, paid),
+        # Cores busy from the window's start to the end of the run: the measured processes
+        # (app, PostgreSQL, sandbox), and the whole machine (with wrk, the kernel and any
+        # other work on it).
+        "measured_cores": _cores(cpu + db_cpu + provider_cpu, before, after),
+        "machine_cores": _cores(after["machine_cpu"][0] - before["machine_cpu"][0], before, after),
         # Shared-buffer misses: blocks PostgreSQL had to read in (page cache or disk).
         "db_blocks_read_per_payment": _count_per(
             after["db_blocks"][1] - before["db_blocks"][1], paid

@@ -2,7 +2,8 @@
 
 The smoke runs are a few seconds of a scenario (real gunicorn, PostgreSQL, TLS sandbox
 and wrk; Redis and a moto server for the production shape; a 2,000-payment table for
-the year scenario): they prove the harness runs and reports, never how fast anything is.
+the year scenario; one round of payments and their refunds for the refunds scenario):
+they prove the harness runs and reports, never how fast anything is.
 """
 
 from __future__ import annotations
@@ -94,6 +95,27 @@ def test_quick_year_run_fills_in_sql_explains_the_claim_and_reconciles_the_unkno
     # A plan, not which one: on 2,000 rows a sequential scan is a fair choice.
     assert len(full["claim_plans"]) == 2 and "Execution Time" in full["claim_plans"][0]
     assert "claim query, batch 1:" in (tmp_path / "results.txt").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.gunicorn
+def test_quick_refunds_run_refunds_each_payment_of_the_round_once(tmp_path):
+    document = quick_run(tmp_path, "--scenarios", "refunds")
+    runs = document["results"]["refunds"]
+    payments, refunds = runs["payments"], runs["refunds"]
+    assert payments["payments_201"] > 0 and refunds["payments_201"] > 0
+    assert refunds["statuses"] == {"201": refunds["payments_201"]}  # every refund succeeded
+    # The refunds are of the payments the round made, each refunded at most once.
+    assert refunds["payments_to_refund"] == payments["stored_payments"]["succeeded"]
+    stored = refunds["stored_refunds"]
+    assert stored["statuses"] == {"succeeded": refunds["stored_by_run"]}
+    assert stored["payments_refunded"] == refunds["stored_by_run"] <= refunds["payments_to_refund"]
+    assert refunds["provider_charge_requests"] == 0 < refunds["provider_refund_requests"]
+    counts = refunds["statements"]
+    assert counts["payment"]["statements"] > 0 and counts["refund"]["statements"] > 0
+    text = (tmp_path / "results.txt").read_text()
+    assert "| refund / payment | each round |" in text and "refunds: p99 latency" in text
 
 
 def test_records_count_answers_lost_requests_and_slow_answers_as_timeouts():
