@@ -370,8 +370,15 @@ class SqlPaymentStore:
                         params["now"],
                     )
             if row is None:
-                if charge_attempts:
-                    conn.execute(_COUNT_ATTEMPTS, params)
+                if charge_attempts:  # only its own parameters: an UPDATE SETs the rest
+                    conn.execute(
+                        _COUNT_ATTEMPTS,
+                        {
+                            "payment_id": payment.id,
+                            "charge_attempts": charge_attempts,
+                            "pending_charge_id": None,
+                        },
+                    )
                 return None
         return _from_row(row)
 
