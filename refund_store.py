@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, func, literal, select
 from sqlalchemy.exc import IntegrityError
 
 import database_config as db
 from connection_pool import Attempt
-from errors import PaymentNotFound, RefundNotAllowed
+from errors import RefundNotAllowed
 from money import to_major_units
 from payment_states import PaymentStatus, RefundState
 from payment_store import ReconcileClaim, attempt_row, claim_batch, release_leases
@@ -37,13 +37,14 @@ _P, _S, _F, _U = RefundState.PENDING, RefundState.SUCCEEDED, RefundState.FAILED,
 
 @dataclass(frozen=True)
 class NewRefund:
-    """A validated refund request; ``amount_minor`` ``None`` means what is left."""
+    """A validated refund of a payment (in its currency), as step 1 stores it."""
 
     id: str
     payment_id: str
     idempotency_key: str
     fingerprint: str
-    amount_minor: int | None
+    amount_minor: int
+    currency: str
     reason: str | None
     metadata: dict | None
 
@@ -101,8 +102,8 @@ class RefundStore(Protocol):
         """Store ``new`` as ``pending`` and reserve its amount on the payment, together.
 
         ``(refund, True)``; ``(existing, False)`` when the key is taken. Raises
-        :class:`PaymentNotFound`, or ``RefundNotAllowed`` when the payment is not
-        ``succeeded`` or has less than the amount left to refund.
+        ``RefundNotAllowed`` when the payment is not ``succeeded`` or has less than the
+        amount left to refund (nothing is stored then).
         """
         ...
 
@@ -140,10 +141,8 @@ def not_refundable(payment_id: str, status: str) -> RefundNotAllowed:
 
 def exceeds_refundable(amount: int | None, left: int, currency: str) -> RefundNotAllowed:
     left_text = f"{to_major_units(left, currency)} {currency}"
-    if amount is None and left == 0:
+    if amount is None:
         message = f"nothing is left to refund on this payment ({left_text})"
-    elif amount is None:  # another refund took part of the rest meanwhile
-        message = f"what is left to refund changed meanwhile; {left_text} is left now"
     else:
         message = (
             f"a refund of {to_major_units(amount, currency)} {currency} exceeds the "
@@ -174,11 +173,57 @@ _MOVE_CEILING = (
     )
     .returning(_p.id)
 )
+_REFUND_COLUMNS = (
+    "id", "payment_id", "idempotency_key", "request_fingerprint", "amount_minor", "currency",
+    "reason", "metadata_json", "status", "created_at", "updated_at",
+)  # fmt: skip
+_EVENT_COLUMNS = ("refund_id", "at", "from_status", "to_status", "reason")
+# On PostgreSQL each step is one statement (data-modifying CTEs), as for payments: the
+# reservation, the refund and its event in step 1; the change, its event and the
+# payment's amounts in step 3. All of it happens, or none.
+# Parameters of statements that UPDATE are never named like a column: SQLAlchemy SETs
+# every parameter that is, in a CTE's UPDATE too.
+_reserved = (
+    db.payments.update()
+    .where(
+        _p.id == bindparam("new_payment_id"),
+        _p.status == PaymentStatus.SUCCEEDED.value,
+        _p.refund_reserved_minor + bindparam("new_amount_minor") <= _p.amount_minor,
+    )
+    .values(refund_reserved_minor=_p.refund_reserved_minor + bindparam("new_amount_minor"))
+    .returning(_p.id)
+    .cte("reserved")
+)
+_created = (
+    db.refunds.insert()
+    .from_select(
+        _REFUND_COLUMNS,
+        select(*(bindparam(f"new_{c}", type_=_r[c].type) for c in _REFUND_COLUMNS)).select_from(
+            _reserved
+        ),
+    )
+    .returning(_r.id, _r.created_at)
+    .cte("created")
+)
+_RESERVE_WITH_EVENT = select(_created.c.id).add_cte(
+    db.refund_events.insert()
+    .from_select(
+        _EVENT_COLUMNS,
+        select(
+            _created.c.id,
+            _created.c.created_at,
+            literal(None, db.refund_events.c.from_status.type),
+            literal(RefundState.PENDING.value),
+            literal("created"),
+        ),
+    )
+    .cte("logged")
+)
 _SETTLE_REFUND = (
     db.refunds.update()
     .where(
         _r.id == bindparam("refund_id"),
-        _r.version == bindparam("version"),
+        _r.version == bindparam("read_version"),
         _r.status == bindparam("from_status"),
     )
     .values(
@@ -193,6 +238,39 @@ _SETTLE_REFUND = (
     )
     .returning(*db.refunds.c)
 )
+_settled = _SETTLE_REFUND.cte("settled")
+_logged = (
+    db.refund_events.insert()
+    .from_select(
+        _EVENT_COLUMNS,
+        select(
+            _settled.c.id,
+            _settled.c.updated_at,
+            bindparam("from_status"),
+            _settled.c.status,
+            bindparam("event_reason"),
+        ),
+    )
+    .cte("logged")
+)
+_SETTLE_WITH_EVENT = select(_settled).add_cte(_logged)
+_ceiling_moved = (
+    db.payments.update()
+    .where(
+        _p.id == select(_settled.c.payment_id).scalar_subquery(),
+        _p.status == PaymentStatus.SUCCEEDED.value,
+        _p.refund_reserved_minor + bindparam("ceiling_reserve") <= _p.amount_minor,
+    )
+    .values(
+        refund_reserved_minor=_p.refund_reserved_minor + bindparam("ceiling_reserve"),
+        amount_refunded_minor=_p.amount_refunded_minor + bindparam("ceiling_refund"),
+    )
+    .returning(_p.id)
+    .cte("ceiling_moved")
+)
+_SETTLE_MOVING_CEILING = select(
+    _settled, select(func.count()).select_from(_ceiling_moved).scalar_subquery().label("moved")
+).add_cte(_logged)
 _COUNT_ATTEMPTS = (
     db.refunds.update()
     .where(_r.id == bindparam("refund_id"))
@@ -236,64 +314,74 @@ class SqlRefundStore:
     clock: Callable[[], datetime] = field(default=db.utcnow)
 
     def reserve(self, new: NewRefund) -> tuple[StoredRefund, bool]:
+        now = self.clock()
+        refund = StoredRefund(
+            id=new.id,
+            payment_id=new.payment_id,
+            idempotency_key=new.idempotency_key,
+            request_fingerprint=new.fingerprint,
+            amount_minor=new.amount_minor,
+            currency=new.currency,
+            reason=new.reason,
+            metadata=new.metadata,
+            status=_P,
+            provider_refund_id=None,
+            failure_code=None,
+            failure_message=None,
+            attempts=0,
+            created_at=now,
+            updated_at=now,
+            version=0,
+        )
+        values = {
+            **{c: getattr(refund, c) for c in _REFUND_COLUMNS if c != "metadata_json"},
+            "status": _P.value,
+            "metadata_json": (
+                json.dumps(new.metadata, sort_keys=True) if new.metadata is not None else None
+            ),
+        }
         try:
             with db.transaction() as conn:
-                existing = conn.execute(_SELECT_REFUND_BY_KEY, {"key": new.idempotency_key}).first()
-                if existing is not None:
-                    return _from_row(existing), False
-                payment = conn.execute(_SELECT_PAYMENT, {"payment_id": new.payment_id}).first()
-                if payment is None:
-                    raise PaymentNotFound(f"there is no payment {new.payment_id}")
-                if payment.status != PaymentStatus.SUCCEEDED:
-                    raise not_refundable(new.payment_id, payment.status)
-                left = payment.amount_minor - payment.refund_reserved_minor
-                amount = left if new.amount_minor is None else new.amount_minor
-                moved = (
-                    amount > 0
-                    and conn.execute(
-                        _MOVE_CEILING,
-                        {"payment_id": new.payment_id, "reserve": amount, "refund": 0},
+                if conn.dialect.name == "postgresql":
+                    prefixed = {f"new_{name}": value for name, value in values.items()}
+                    reserved = conn.execute(_RESERVE_WITH_EVENT, prefixed).first() is not None
+                else:
+                    reserved = (
+                        conn.execute(  # only its own parameters: an UPDATE would SET the rest
+                            _MOVE_CEILING,
+                            {
+                                "payment_id": new.payment_id,
+                                "reserve": new.amount_minor,
+                                "refund": 0,
+                            },
+                        ).first()
+                        is not None
+                    )
+                    if reserved:
+                        conn.execute(db.refunds.insert(), values)
+                        self._event(conn, refund.id, None, _P, "created", now)
+                if not reserved:
+                    # Refused: a replay of an earlier refund, or the payment cannot take it.
+                    existing = conn.execute(
+                        _SELECT_REFUND_BY_KEY, {"key": new.idempotency_key}
                     ).first()
-                )
-                if not moved:
-                    # Someone else reserved in between: say what is left now.
-                    now_left = left if amount <= 0 else self._left(conn, new.payment_id)
-                    raise exceeds_refundable(new.amount_minor, now_left, payment.currency)
-                now = self.clock()
-                refund = StoredRefund(
-                    id=new.id,
-                    payment_id=new.payment_id,
-                    idempotency_key=new.idempotency_key,
-                    request_fingerprint=new.fingerprint,
-                    amount_minor=amount,
-                    currency=payment.currency,
-                    reason=new.reason,
-                    metadata=new.metadata,
-                    status=_P,
-                    provider_refund_id=None,
-                    failure_code=None,
-                    failure_message=None,
-                    attempts=0,
-                    created_at=now,
-                    updated_at=now,
-                    version=0,
-                )
-                values = {
-                    **refund.__dict__,
-                    "status": _P.value,
-                    "metadata_json": json.dumps(new.metadata, sort_keys=True)
-                    if new.metadata is not None
-                    else None,
-                }
-                del values["metadata"]
-                conn.execute(db.refunds.insert(), values)
-                self._event(conn, refund.id, None, _P, "created", now)
+                    if existing is not None:
+                        return _from_row(existing), False
+                    raise self._why_not(conn, new)
         except IntegrityError:
             raced = self.find_refund_by_key(new.idempotency_key)
             if raced is None:
                 raise  # some other constraint: a bug, not a race
             return raced, False
         return refund, True
+
+    @staticmethod
+    def _why_not(conn, new: NewRefund) -> RefundNotAllowed:
+        payment = conn.execute(_SELECT_PAYMENT, {"payment_id": new.payment_id}).first()
+        if payment.status != PaymentStatus.SUCCEEDED:
+            return not_refundable(new.payment_id, payment.status)
+        left = payment.amount_minor - payment.refund_reserved_minor
+        return exceeds_refundable(new.amount_minor, left, payment.currency)
 
     @staticmethod
     def _left(conn, payment_id: str) -> int:
@@ -314,7 +402,7 @@ class SqlRefundStore:
         refund_attempts = len(change.attempts) if change.attempt_kind == REFUND else 0
         params = dict(
             refund_id=refund.id,
-            version=refund.version,
+            read_version=refund.version,
             from_status=refund.status.value,
             to_status=change.to_status.value,
             now=self.clock(),
@@ -332,27 +420,51 @@ class SqlRefundStore:
                     for a in change.attempts
                 ]
                 conn.execute(db.refund_attempts.insert(), rows)
-            row = conn.execute(_SETTLE_REFUND, params).first()
-            if row is None:
-                if refund_attempts:
-                    conn.execute(_COUNT_ATTEMPTS, params)
-                return None
-            if (reserve, refunded) != (0, 0):
-                moved = conn.execute(
-                    _MOVE_CEILING,
+            moving = (reserve, refunded) != (0, 0)
+            ceiling = {
+                "payment_id": refund.payment_id,
+                "reserve": reserve * refund.amount_minor,
+                "refund": refunded * refund.amount_minor,
+            }
+            postgresql = conn.dialect.name == "postgresql"
+            if postgresql:
+                statement = _SETTLE_MOVING_CEILING if moving else _SETTLE_WITH_EVENT
+                row = conn.execute(
+                    statement,
                     {
-                        "payment_id": refund.payment_id,
-                        "reserve": reserve * refund.amount_minor,
-                        "refund": refunded * refund.amount_minor,
+                        **params,
+                        "ceiling_reserve": ceiling["reserve"],
+                        "ceiling_refund": ceiling["refund"],
+                        "event_reason": change.reason[:255],
                     },
                 ).first()
-                if moved is None:  # only taking an amount back can fail: rolls back it all
+            else:
+                row = conn.execute(_SETTLE_REFUND, params).first()
+            if row is None:
+                if refund_attempts:  # only its own parameters: an UPDATE SETs the rest
+                    conn.execute(
+                        _COUNT_ATTEMPTS,
+                        {
+                            "refund_id": refund.id,
+                            "refund_attempts": refund_attempts,
+                            "pending_refund_id": None,
+                        },
+                    )
+                return None
+            if moving:
+                moved = (
+                    row._mapping["moved"]
+                    if postgresql
+                    else conn.execute(_MOVE_CEILING, ceiling).first()
+                )
+                if not moved:  # only taking an amount back can fail: rolls back it all
                     raise exceeds_refundable(
                         refund.amount_minor, self._left(conn, refund.payment_id), refund.currency
                     )
-            self._event(
-                conn, refund.id, refund.status, change.to_status, change.reason, params["now"]
-            )
+            if not postgresql:
+                self._event(
+                    conn, refund.id, refund.status, change.to_status, change.reason, params["now"]
+                )
         return _from_row(row)
 
     def record_refund_attempts(

@@ -48,7 +48,7 @@ from payment_states import (
     check_refund_transition,
     is_resubmittable,
 )
-from payment_store import PaymentStore, write_with_retries
+from payment_store import PaymentStore, StoredPayment, write_with_retries
 from providers.base import ProviderRefund, RefundLookup, RefundRequest, RefundStatus
 from reconciliation import RECONCILE_BATCH, in_flight_left, reconcile_pass, refund_verdict
 from refund_store import (
@@ -58,6 +58,7 @@ from refund_store import (
     RefundChange,
     RefundStore,
     StoredRefund,
+    exceeds_refundable,
 )
 from settings import Settings
 
@@ -126,9 +127,10 @@ class RefundService:
             metadata=metadata,
             settings=self.settings,
         )
-        return self.refund(request)
+        return self.refund(request, payment)
 
-    def refund(self, request: CheckedRefund) -> RefundResult:
+    def refund(self, request: CheckedRefund, payment: StoredPayment) -> RefundResult:
+        """Make the refund ``request`` of ``payment`` (as read just before)."""
         with bind_log_context(payment_id=request.payment_id):
             refusal = self.client.refusal()
             if refusal is not None:
@@ -137,24 +139,22 @@ class RefundService:
                     metrics.observe_refund(refusal.code)
                     raise refusal
                 return self._repeat(existing, request, refusal)
+            left = payment.amount_minor - payment.refund_reserved_minor
+            if request.amount_minor is None and left <= 0:  # a replay, or nothing to refund
+                existing = self.store.find_refund_by_key(request.idempotency_key)
+                if existing is not None:
+                    return self._repeat(existing, request, None)
+                metrics.observe_refund("amount_exceeds_refundable")
+                raise exceeds_refundable(None, 0, payment.currency)
             try:
-                stored, created = self.store.reserve(
-                    NewRefund(
-                        id=new_refund_id(),
-                        payment_id=request.payment_id,
-                        idempotency_key=request.idempotency_key,
-                        fingerprint=request.fingerprint,
-                        amount_minor=request.amount_minor,
-                        reason=request.reason,
-                        metadata=request.metadata,
-                    )
-                )
+                stored, created = self.store.reserve(_new_refund(request, left, payment.currency))
             except RefundNotAllowed as exc:
                 metrics.observe_refund(exc.code)
                 raise
             if not created:
                 return self._repeat(stored, request, None)
-            return self._send(stored, maybe_sent=False)
+            assert payment.provider_charge_id is not None  # succeeded: the store checked
+            return self._send(stored, payment.provider_charge_id, maybe_sent=False)
 
     def _repeat(
         self,
@@ -196,16 +196,20 @@ class RefundService:
         if claimed is None:
             raise PaymentInProgress("another call is re-submitting this refund", refund=result)
         log.info("re-submitting %s refund under the same idempotency key", existing.status)
-        return self._send(claimed, maybe_sent=existing.status == UNKNOWN)
+        return self._send(claimed, self._charge_of(claimed), maybe_sent=existing.status == UNKNOWN)
 
-    def _send(self, refund: StoredRefund, *, maybe_sent: bool) -> RefundResult:
-        """Steps 2 and 3. ``maybe_sent``: an earlier call may have reached the provider."""
+    def _charge_of(self, refund: StoredRefund) -> str:
+        payment = self.payments.find_by_id(refund.payment_id)
+        if payment is None or payment.provider_charge_id is None:
+            raise AssertionError(f"refund {refund.id} of a payment without a charge")
+        return payment.provider_charge_id
+
+    def _send(self, refund: StoredRefund, charge_id: str, *, maybe_sent: bool) -> RefundResult:
+        """Steps 2 and 3 for the provider's charge ``charge_id``. ``maybe_sent``: an
+        earlier call may have reached the provider."""
         with bind_log_context(refund_id=refund.id):
-            payment = self.payments.find_by_id(refund.payment_id)
-            if payment is None or payment.provider_charge_id is None:
-                raise AssertionError(f"refund {refund.id} of a payment without a charge")
             try:
-                reply = self.client.refund(_refund_request(refund, payment.provider_charge_id))
+                reply = self.client.refund(_refund_request(refund, charge_id))
             except PaymentOutcomeUnknown as exc:
                 return self._unknown(refund, exc, exc.code)
             except PaymentInProgress as exc:  # another request under our key, at the provider
@@ -366,14 +370,11 @@ class RefundService:
 
     def _reconcile_one(self, refund: StoredRefund, report: ReconcileReport) -> None:
         with bind_log_context(payment_id=refund.payment_id, refund_id=refund.id):
-            payment = self.payments.find_by_id(refund.payment_id)
-            if payment is None or payment.provider_charge_id is None:
-                raise AssertionError(f"refund {refund.id} of a payment without a charge")
             lookup = RefundLookup(
                 refund_id=refund.id,
                 payment_id=refund.payment_id,
                 idempotency_key=provider_key(refund),
-                provider_charge_id=payment.provider_charge_id,
+                provider_charge_id=self._charge_of(refund),
                 provider_refund_id=refund.provider_refund_id,
                 created_at=refund.created_at,
             )
@@ -418,6 +419,22 @@ def _stored_failure(refund: StoredRefund, result: RefundResult) -> PaymentError:
     if refund.failure_code == "amount_exceeds_refundable":
         return RefundNotAllowed(message, code=refund.failure_code, refund=result)
     return RefundDeclined(message, code=refund.failure_code or "refund_failed", refund=result)
+
+
+def _new_refund(request: CheckedRefund, left: int, currency: str) -> NewRefund:
+    """``request`` as step 1 stores it: without an amount, what was ``left`` when the
+    payment was read (if another refund takes some of it meanwhile, the reservation
+    refuses it). Whether the payment can take it is the store's to say, atomically."""
+    return NewRefund(
+        id=new_refund_id(),
+        payment_id=request.payment_id,
+        idempotency_key=request.idempotency_key,
+        fingerprint=request.fingerprint,
+        amount_minor=left if request.amount_minor is None else request.amount_minor,
+        currency=currency,
+        reason=request.reason,
+        metadata=request.metadata,
+    )
 
 
 def provider_key(refund: StoredRefund) -> str:

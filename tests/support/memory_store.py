@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from connection_pool import Attempt
-from errors import DatabaseUnavailable, PaymentNotFound
+from errors import DatabaseUnavailable
 from payment_states import PaymentStatus, RefundState
 from payment_store import (
     CHARGE,
@@ -206,24 +206,24 @@ class MemoryRefundStore:
     def reserve(self, new: NewRefund) -> tuple[StoredRefund, bool]:
         self.payments._enter("reserve")
         with self.payments._lock:
-            existing = self.find_refund_by_key(new.idempotency_key)
-            if existing is not None:
-                return existing, False
-            payment = self.payments.payments.get(new.payment_id)
-            if payment is None:
-                raise PaymentNotFound(f"there is no payment {new.payment_id}")
-            if payment.status != PaymentStatus.SUCCEEDED:
-                raise not_refundable(payment.id, payment.status)
+            payment = self.payments.payments[new.payment_id]
             left = payment.amount_minor - payment.refund_reserved_minor
-            amount = left if new.amount_minor is None else new.amount_minor
-            if not 0 < amount <= left:
+            if payment.status != PaymentStatus.SUCCEEDED or not 0 < new.amount_minor <= left:
+                existing = self.find_refund_by_key(new.idempotency_key)
+                if existing is not None:
+                    return existing, False
+                if payment.status != PaymentStatus.SUCCEEDED:
+                    raise not_refundable(payment.id, payment.status)
                 raise exceeds_refundable(new.amount_minor, left, payment.currency)
-            self._move_ceiling(payment.id, amount, 0)
+            existing = self.find_refund_by_key(new.idempotency_key)
+            if existing is not None:  # the unique key, as in the database
+                return existing, False
+            self._move_ceiling(payment.id, new.amount_minor, 0)
             now = self.payments.clock()
             refund = StoredRefund(
                 id=new.id, payment_id=payment.id, idempotency_key=new.idempotency_key,
-                request_fingerprint=new.fingerprint, amount_minor=amount,
-                currency=payment.currency, reason=new.reason, metadata=new.metadata,
+                request_fingerprint=new.fingerprint, amount_minor=new.amount_minor,
+                currency=new.currency, reason=new.reason, metadata=new.metadata,
                 status=RefundState.PENDING, provider_refund_id=None, failure_code=None,
                 failure_message=None, attempts=0, created_at=now, updated_at=now, version=0,
             )  # fmt: skip

@@ -47,7 +47,7 @@ class Lifecycle:
             settings=self.service.settings,
             **fields,
         )
-        return self.service.refunds.refund(request)
+        return self.service.refunds.refund(request, payment)
 
     def stored_refund(self, key="refund-1"):
         return self.refund_store.find_refund_by_key(key)
