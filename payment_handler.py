@@ -235,7 +235,7 @@ class PaymentService:
         """Settle ``existing`` from the provider's charges for its key; ``None`` only when
         the provider certainly has none, so re-submitting cannot charge twice."""
         try:
-            reply = self.client.find_charges(_lookup(existing))
+            reply = self.client.find_charges(charge_lookup(existing))
         except PaymentError as exc:
             self.store.record_attempts(existing.id, exc.attempts, LOOKUP)
             raise PaymentOutcomeUnknown(
@@ -477,7 +477,7 @@ class PaymentService:
                 self.settings.payment_key_retention,
             )
         try:
-            reply = self.client.find_charges(_lookup(payment))
+            reply = self.client.find_charges(charge_lookup(payment))
         except PaymentError as exc:
             report.errors += 1
             log.warning("reconciliation lookup failed (%s): %s", exc.code, exc.message)
@@ -503,7 +503,8 @@ class PaymentService:
         log.info("reconciled payment: %s -> %s", payment.status, change.to_status)
 
 
-def _lookup(payment: StoredPayment) -> ChargeLookup:
+def charge_lookup(payment: StoredPayment) -> ChargeLookup:
+    """What the provider is asked about ``payment`` (reconciliation, retention, events)."""
     return ChargeLookup(
         payment_id=payment.id,
         idempotency_key=payment.idempotency_key,

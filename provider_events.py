@@ -30,21 +30,19 @@ import metrics
 from database_config import utcnow
 from errors import PaymentError
 from event_store import SqlEventStore, StoredEvent
-from payment_handler import PaymentService
+from payment_handler import PaymentService, charge_lookup
 from payment_states import PaymentStatus, RefundState, may_refund_transition, may_transition
 from payment_store import LOOKUP, Change
 from providers.base import (
-    ChargeLookup,
     ChargeStatus,
     InvalidEvent,
     ProviderEvent,
-    RefundLookup,
     RefundStatus,
 )
 from reconciliation import charge_verdict, refund_verdict
 from refund_store import LOOKUP as REFUND_LOOKUP
 from refund_store import RefundChange
-from refunds import provider_key
+from refunds import refund_lookup
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +92,7 @@ class EventApplier:
                 change = Change(PaymentStatus.SUCCEEDED, event.type, provider_charge_id=charge.id)
                 return _result(service.move(payment, change))
         # Anything else is the provider's to say, as in reconciliation.
-        reply = service.client.find_charges(
-            ChargeLookup(
-                payment.id, payment.idempotency_key, payment.provider_charge_id, payment.created_at
-            )
-        )
+        reply = service.client.find_charges(charge_lookup(payment))
         verdict = charge_verdict(reply.value) if reply.value else None  # none: not yet listed
         if verdict is None or not may_transition(
             payment.status, verdict.to_status, payment.failure_code
@@ -138,18 +132,7 @@ class EventApplier:
                     RefundState.SUCCEEDED, event.type, provider_refund_id=reported.id
                 )
                 return _result(refunds.move(refund, change))
-        payment = self.service.store.find_by_id(refund.payment_id)
-        assert payment is not None and payment.provider_charge_id is not None
-        reply = refunds.client.find_refunds(
-            RefundLookup(
-                refund.id,
-                refund.payment_id,
-                provider_key(refund),
-                payment.provider_charge_id,
-                refund.provider_refund_id,
-                refund.created_at,
-            )
-        )
+        reply = refunds.client.find_refunds(refund_lookup(refund, refunds.charge_of(refund)))
         verdict = refund_verdict(reply.value) if reply.value else None
         if verdict is None or not may_refund_transition(
             refund.status, verdict.to_status, refund.failure_code

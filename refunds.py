@@ -196,9 +196,10 @@ class RefundService:
         if claimed is None:
             raise PaymentInProgress("another call is re-submitting this refund", refund=result)
         log.info("re-submitting %s refund under the same idempotency key", existing.status)
-        return self._send(claimed, self._charge_of(claimed), maybe_sent=existing.status == UNKNOWN)
+        return self._send(claimed, self.charge_of(claimed), maybe_sent=existing.status == UNKNOWN)
 
-    def _charge_of(self, refund: StoredRefund) -> str:
+    def charge_of(self, refund: StoredRefund) -> str:
+        """The provider's id of the charge ``refund`` gives money back from."""
         payment = self.payments.find_by_id(refund.payment_id)
         if payment is None or payment.provider_charge_id is None:
             raise AssertionError(f"refund {refund.id} of a payment without a charge")
@@ -370,16 +371,8 @@ class RefundService:
 
     def _reconcile_one(self, refund: StoredRefund, report: ReconcileReport) -> None:
         with bind_log_context(payment_id=refund.payment_id, refund_id=refund.id):
-            lookup = RefundLookup(
-                refund_id=refund.id,
-                payment_id=refund.payment_id,
-                idempotency_key=provider_key(refund),
-                provider_charge_id=self._charge_of(refund),
-                provider_refund_id=refund.provider_refund_id,
-                created_at=refund.created_at,
-            )
             try:
-                reply = self.client.find_refunds(lookup)
+                reply = self.client.find_refunds(refund_lookup(refund, self.charge_of(refund)))
             except PaymentError as exc:
                 report.errors += 1
                 log.warning("refund lookup failed (%s): %s", exc.code, exc.message)
@@ -434,6 +427,18 @@ def _new_refund(request: CheckedRefund, left: int, currency: str) -> NewRefund:
         currency=currency,
         reason=request.reason,
         metadata=request.metadata,
+    )
+
+
+def refund_lookup(refund: StoredRefund, provider_charge_id: str) -> RefundLookup:
+    """What the provider is asked about ``refund`` (reconciliation, events)."""
+    return RefundLookup(
+        refund_id=refund.id,
+        payment_id=refund.payment_id,
+        idempotency_key=provider_key(refund),
+        provider_charge_id=provider_charge_id,
+        provider_refund_id=refund.provider_refund_id,
+        created_at=refund.created_at,
     )
 
 
