@@ -291,6 +291,24 @@ def attempt_row(
     }
 
 
+def event_row(
+    owner_id: str,
+    from_status,
+    to_status,
+    reason: str | None,
+    at: datetime,
+    owner: str = "payment_id",
+) -> dict[str, Any]:
+    """The ``payment_events`` (or ``refund_events``) row of one status change."""
+    return {
+        owner: owner_id,
+        "at": at,
+        "from_status": from_status.value if from_status is not None else None,
+        "to_status": to_status.value,
+        "reason": (reason or None) and reason[:255],
+    }
+
+
 @dataclass
 class SqlPaymentStore:
     """:class:`PaymentStore` in the service's database (``database_config.transaction``).
@@ -414,16 +432,7 @@ class SqlPaymentStore:
 
     @staticmethod
     def _event(conn, payment_id, from_status, to_status, reason, at) -> None:
-        conn.execute(
-            _INSERT_EVENT,
-            dict(
-                payment_id=payment_id,
-                at=at,
-                from_status=from_status.value if from_status is not None else None,
-                to_status=to_status.value,
-                reason=(reason or None) and reason[:255],
-            ),
-        )
+        conn.execute(_INSERT_EVENT, event_row(payment_id, from_status, to_status, reason, at))
 
 
 def claim_batch(table, claim: ReconcileClaim, now: datetime) -> list:

@@ -27,7 +27,7 @@ from connection_pool import Attempt
 from errors import RefundNotAllowed
 from money import to_major_units
 from payment_states import PaymentStatus, RefundState
-from payment_store import ReconcileClaim, attempt_row, claim_batch, release_leases
+from payment_store import ReconcileClaim, attempt_row, claim_batch, event_row, release_leases
 
 #: ``refund_attempts.kind``: a request that may move money, or a lookup by key.
 REFUND, LOOKUP = "refund", "lookup"
@@ -502,13 +502,5 @@ class SqlRefundStore:
 
     @staticmethod
     def _event(conn, refund_id, from_status, to_status, reason, at) -> None:
-        conn.execute(
-            db.refund_events.insert(),
-            dict(
-                refund_id=refund_id,
-                at=at,
-                from_status=from_status.value if from_status is not None else None,
-                to_status=to_status.value,
-                reason=(reason or None) and reason[:255],
-            ),
-        )
+        row = event_row(refund_id, from_status, to_status, reason, at, owner="refund_id")
+        conn.execute(db.refund_events.insert(), row)

@@ -23,6 +23,7 @@ from payment_store import (
     ReconcileClaim,
     StoredPayment,
     attempt_row,
+    event_row,
 )
 from refund_store import (
     REFUND,
@@ -165,15 +166,7 @@ class MemoryPaymentStore:
         self.attempts.extend(attempt_row(payment_id, kind, a) for a in attempts)
 
     def _event(self, payment_id, from_status, to_status, reason, at) -> None:
-        self.events.append(
-            dict(
-                payment_id=payment_id,
-                at=at,
-                from_status=from_status.value if from_status is not None else None,
-                to_status=to_status.value,
-                reason=reason,
-            )
-        )
+        self.events.append(event_row(payment_id, from_status, to_status, reason, at))
 
 
 def _claim(rows, leases: dict[str, datetime], claim: ReconcileClaim, now: datetime) -> list:
@@ -323,11 +316,5 @@ class MemoryRefundStore:
 
     def _event(self, refund_id, from_status, to_status, reason, at) -> None:
         self.events.append(
-            dict(
-                refund_id=refund_id,
-                at=at,
-                from_status=from_status.value if from_status is not None else None,
-                to_status=to_status.value,
-                reason=reason,
-            )
+            event_row(refund_id, from_status, to_status, reason, at, owner="refund_id")
         )
