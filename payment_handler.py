@@ -64,7 +64,13 @@ from payment_store import (
     write_with_retries,
 )
 from providers.base import ChargeLookup, ChargeRequest, ChargeStatus
-from reconciliation import RECONCILE_BATCH, charge_verdict, in_flight_left, reconcile_pass
+from reconciliation import (
+    RECONCILE_BATCH,
+    charge_verdict,
+    in_flight_left,
+    reconcile_pass,
+    settle_from_lookup,
+)
 from refund_store import RefundStore, SqlRefundStore
 from refunds import RefundService
 from settings import Settings, get_settings
@@ -476,31 +482,20 @@ class PaymentService:
                 self._now() - payment.created_at,
                 self.settings.payment_key_retention,
             )
-        try:
-            reply = self.client.find_charges(charge_lookup(payment))
-        except PaymentError as exc:
-            report.errors += 1
-            log.warning("reconciliation lookup failed (%s): %s", exc.code, exc.message)
-            self.store.record_attempts(payment.id, exc.attempts, LOOKUP)
-            return
-        verdict = charge_verdict(reply.value)
-        if verdict is None or (
-            not reply.value and in_flight_left(payment, self.settings, self._now())
-        ):
-            # Pending at the provider, or "never saw it" while the charge may be in flight.
-            report.still_pending += 1
-            self.store.record_attempts(payment.id, reply.attempts, LOOKUP)
-            if verdict is not None:
-                self.store.release([payment.id])
-            return
-        change = replace(verdict, attempts=reply.attempts, attempt_kind=LOOKUP)
-        if self.move(payment, change) is None:
-            report.skipped += 1
-            log.info("payment changed while it was looked up; its verdict was discarded")
-            return
-        report.succeeded += change.to_status == SUCCEEDED
-        report.failed += change.to_status == FAILED
-        log.info("reconciled payment: %s -> %s", payment.status, change.to_status)
+        settle_from_lookup(
+            payment,
+            report,
+            what="payment",
+            look_up=lambda p: self.client.find_charges(charge_lookup(p)),
+            verdict_of=charge_verdict,
+            record=lambda payment_id, attempts: self.store.record_attempts(
+                payment_id, attempts, LOOKUP
+            ),
+            release=self.store.release,
+            move=self.move,
+            settings=self.settings,
+            now=self._now(),
+        )
 
 
 def charge_lookup(payment: StoredPayment) -> ChargeLookup:

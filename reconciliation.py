@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from errors import DatabaseUnavailable, PaymentServiceUnavailable
+from errors import DatabaseUnavailable, PaymentError, PaymentServiceUnavailable
 from payment_results import ReconcileReport
 from payment_states import FailureCode, PaymentStatus, RefundState
 from payment_store import Change, ReconcileClaim
@@ -109,6 +110,50 @@ def reconcile_pass(
             except Exception:  # one bad row must not stop the others
                 report.errors += 1
                 log.exception("could not reconcile %s; the next run retries it", row.id)
+
+
+def settle_from_lookup(
+    row: Row,
+    report: ReconcileReport,
+    *,
+    what: str,
+    look_up: Callable[[Row], Any],
+    verdict_of: Callable[[Sequence], Any],
+    record: Callable[[str, Sequence], object],
+    release: Callable[[Iterable[str]], None],
+    move: Callable[[Row, Any], object],
+    settings: Settings,
+    now: datetime,
+) -> None:
+    """Ask the provider about one payment or refund (``what``) and settle it by its answer.
+
+    ``look_up`` returns the provider's reply; ``verdict_of`` what its records settle to;
+    ``record`` keeps the lookup's attempts; ``move`` applies a change if the row is still
+    as read. A "never saw it" about a row whose request may be in flight settles nothing
+    and gives the lease back, so the next run looks again.
+    """
+    try:
+        reply = look_up(row)
+    except PaymentError as exc:
+        report.errors += 1
+        log.warning("%s lookup failed (%s): %s", what, exc.code, exc.message)
+        record(row.id, exc.attempts)
+        return
+    verdict = verdict_of(reply.value)
+    if verdict is None or (not reply.value and in_flight_left(row, settings, now)):
+        report.still_pending += 1  # pending at the provider, or maybe still in flight
+        record(row.id, reply.attempts)
+        if verdict is not None:
+            release([row.id])
+        return
+    change = replace(verdict, attempts=reply.attempts, attempt_kind="lookup")
+    if move(row, change) is None:
+        report.skipped += 1
+        log.info("%s changed while it was looked up; its verdict was discarded", what)
+        return
+    report.succeeded += change.to_status == "succeeded"
+    report.failed += change.to_status == "failed"
+    log.info("reconciled %s: %s -> %s", what, row.status, change.to_status)
 
 
 def charge_verdict(charges: Sequence[ProviderCharge]) -> Change | None:

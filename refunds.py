@@ -50,7 +50,13 @@ from payment_states import (
 )
 from payment_store import PaymentStore, StoredPayment, write_with_retries
 from providers.base import ProviderRefund, RefundLookup, RefundRequest, RefundStatus
-from reconciliation import RECONCILE_BATCH, in_flight_left, reconcile_pass, refund_verdict
+from reconciliation import (
+    RECONCILE_BATCH,
+    in_flight_left,
+    reconcile_pass,
+    refund_verdict,
+    settle_from_lookup,
+)
 from refund_store import (
     LOOKUP,
     REFUND,
@@ -371,32 +377,20 @@ class RefundService:
 
     def _reconcile_one(self, refund: StoredRefund, report: ReconcileReport) -> None:
         with bind_log_context(payment_id=refund.payment_id, refund_id=refund.id):
-            try:
-                reply = self.client.find_refunds(refund_lookup(refund, self.charge_of(refund)))
-            except PaymentError as exc:
-                report.errors += 1
-                log.warning("refund lookup failed (%s): %s", exc.code, exc.message)
-                self.store.record_refund_attempts(refund.id, exc.attempts, LOOKUP)
-                return
-            verdict = refund_verdict(reply.value)
-            if verdict is None or (
-                not reply.value and in_flight_left(refund, self.settings, self._now())
-            ):
-                report.still_pending += 1
-                self.store.record_refund_attempts(refund.id, reply.attempts, LOOKUP)
-                if verdict is not None:
-                    self.store.release_refunds([refund.id])
-                return
-            change = RefundChange(
-                **{**verdict.__dict__, "attempts": reply.attempts, "attempt_kind": LOOKUP}
+            settle_from_lookup(
+                refund,
+                report,
+                what="refund",
+                look_up=lambda r: self.client.find_refunds(refund_lookup(r, self.charge_of(r))),
+                verdict_of=refund_verdict,
+                record=lambda refund_id, attempts: self.store.record_refund_attempts(
+                    refund_id, attempts, LOOKUP
+                ),
+                release=self.store.release_refunds,
+                move=self.move,
+                settings=self.settings,
+                now=self._now(),
             )
-            if self.move(refund, change) is None:
-                report.skipped += 1
-                log.info("refund changed while it was looked up; its verdict was discarded")
-                return
-            report.succeeded += change.to_status == SUCCEEDED
-            report.failed += change.to_status == FAILED
-            log.info("reconciled refund: %s -> %s", refund.status, change.to_status)
 
 
 def _maybe_sent(exc: PaymentError, message: str) -> PaymentOutcomeUnknown:
